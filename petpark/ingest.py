@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'MANIFEST_COLS', 'is_litter', 'walk_lake', 'phash', 'hamming', 'analyse',
-           'FactCache', 'scan', 'load_rows', 'classify', 'group_near_dups', 'quarantine_group_conflicts', 'hash_split',
-           'read_ledger', 'assign_splits', 'write_ledger', 'write_manifest', 'ingest_metrics', 'ingest_lake']
+           'FactCache', 'scan', 'load_rows', 'classify', 'group_near_dups', 'quarantine_group_conflicts', 'hash_score',
+           'read_ledger', 'assign_splits', 'write_ledger', 'write_manifest', 'ingest_metrics', 'ingest_lake',
+           'synth_lake', 'bench_ingest', 'bench_table']
 
-# %% ../nbs/01_ingest.ipynb #c9eaaa79
-import csv, io, json, os, sqlite3, time, warnings
-from contextlib import closing
+# %% ../nbs/01_ingest.ipynb #3c50a0ab
+import csv, io, json, os, sqlite3, subprocess, sys, tempfile, time, warnings
+from contextlib import closing, nullcontext
 from multiprocessing import Pool
 from pathlib import Path
 import numpy as np
@@ -18,7 +19,7 @@ from scipy.fft import dctn
 from tqdm.auto import tqdm
 from .core import *
 
-# %% ../nbs/01_ingest.ipynb #bb7a42fb
+# %% ../nbs/01_ingest.ipynb #e5dbb776
 LITTER = {'.ds_store', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '.directory'}
 
 def is_litter(name:str)->bool:
@@ -26,7 +27,7 @@ def is_litter(name:str)->bool:
     n = name.lower()
     return n in LITTER or n.startswith('._') or n.startswith('~$')
 
-# %% ../nbs/01_ingest.ipynb #50977e97
+# %% ../nbs/01_ingest.ipynb #6eff991a
 def walk_lake(root:Path, classes:list):
     "Yield `(relpath, label)` for every file under `root` in a stable order; `label` is None outside a class folder"
     root = Path(root)
@@ -36,7 +37,7 @@ def walk_lake(root:Path, classes:list):
         label = rel.parts[0] if rel.parts and rel.parts[0] in classes else None
         for f in sorted(files): yield (rel/f).as_posix(), label
 
-# %% ../nbs/01_ingest.ipynb #dc8c061d
+# %% ../nbs/01_ingest.ipynb #8f789cb1
 MASK64 = (1 << 64) - 1
 
 def phash(im:Image.Image)->int:
@@ -49,7 +50,7 @@ def hamming(a:int, b:int)->int:
     "Number of differing bits between two 64-bit hashes (signed or not)"
     return ((a ^ b) & MASK64).bit_count()
 
-# %% ../nbs/01_ingest.ipynb #5135cdda
+# %% ../nbs/01_ingest.ipynb #38234045
 def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
     "Facts about one file's bytes, with the `problem` that makes it unusable for training, if any"
     r = dict(format=None, mode=None, width=None, height=None, problem=None, phash=None, brightness=None, contrast=None)
@@ -67,7 +68,7 @@ def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
     g = np.asarray(to_rgb(im).convert('L'), dtype=np.float32)
     return {**r, 'phash': phash(im), 'brightness': round(float(g.mean()), 2), 'contrast': round(float(g.std()), 2)}
 
-# %% ../nbs/01_ingest.ipynb #93f234c4
+# %% ../nbs/01_ingest.ipynb #04629a8f
 CACHE_VERSION = 1  # bump when `analyse` changes what it records
 
 class FactCache:
@@ -84,7 +85,7 @@ class FactCache:
         with self.con: self.con.executemany('INSERT OR REPLACE INTO facts VALUES (?,?,?)',
                                             [(s, m, json.dumps(f)) for s, m, f in rows])
 
-# %% ../nbs/01_ingest.ipynb #059a976a
+# %% ../nbs/01_ingest.ipynb #33a6c073
 _worker = {}
 
 def _init_worker(cache_file, max_pixels):
@@ -100,32 +101,31 @@ def _scan_one(job)->dict:
     if facts is not None: return {**row, **facts, 'cached': True}
     return {**row, **analyse(b, _worker['max_pixels'])}
 
-# %% ../nbs/01_ingest.ipynb #3d9d7c0e
+# %% ../nbs/01_ingest.ipynb #5ba64d77
 def scan(root:Path, classes:list, cache_file:Path, max_pixels:int=40_000_000, workers:int=2):
     "Yield one row per file under `root`, decoding in `workers` processes and caching facts by content hash"
     n = sum(len(f) for _, _, f in os.walk(root))
     jobs = ((str(root), p, l) for p, l in walk_lake(root, classes))
     args = (str(cache_file), max_pixels)
-    with tqdm(total=n, desc='ingest', unit='img', mininterval=1) as bar:
-        if workers <= 1:
-            _init_worker(*args); it = map(_scan_one, jobs)
-            yield from (bar.update() or r for r in it)
-        else:
-            with Pool(workers, initializer=_init_worker, initargs=args) as pool:
-                yield from (bar.update() or r for r in pool.imap(_scan_one, jobs, chunksize=64))
+    with tqdm(total=n, desc='ingest', unit='img', mininterval=1) as bar, \
+         Pool(workers, initializer=_init_worker, initargs=args) if workers > 1 else nullcontext() as pool:
+        if pool is None: _init_worker(*args)
+        for row in pool.imap(_scan_one, jobs, chunksize=64) if pool else map(_scan_one, jobs):
+            bar.update(); yield row
 
-# %% ../nbs/01_ingest.ipynb #90f50b2f
+# %% ../nbs/01_ingest.ipynb #c991d2d7
 _COLS = ['path', 'label', 'sha256', 'bytes', 'format', 'mode', 'width', 'height', 'problem', 'phash',
          'brightness', 'contrast', 'cached']
 _SCHEMA = '''CREATE TABLE files(path TEXT PRIMARY KEY, label TEXT, sha256 TEXT, bytes INT, format TEXT, mode TEXT,
   width INT, height INT, problem TEXT, phash INT, brightness REAL, contrast REAL, cached INT,
-  status TEXT, reason TEXT, dup_of TEXT, grp TEXT, split TEXT)'''
+  status TEXT, reason TEXT, dup_of TEXT, grp TEXT, split TEXT);
+  CREATE INDEX files_sha ON files(sha256); CREATE INDEX files_grp ON files(grp)'''
 
 def _s64(h): return None if h is None else (h - (1 << 64) if h >= 1 << 63 else h)
 
 def load_rows(con, rows, batch=2000):
     "Insert scanned `rows` into `con`'s `files` table in batches; returns the count"
-    con.execute(_SCHEMA); n = 0
+    con.executescript(_SCHEMA); n = 0
     def flush(buf):
         con.executemany(f'INSERT INTO files({",".join(_COLS)}) VALUES ({",".join("?"*len(_COLS))})', buf)
     buf = []
@@ -135,7 +135,7 @@ def load_rows(con, rows, batch=2000):
     flush(buf); con.commit()
     return n
 
-# %% ../nbs/01_ingest.ipynb #07c2acc3
+# %% ../nbs/01_ingest.ipynb #c67d65ce
 def classify(con, formats:list, min_side:int):
     "Set `status`/`reason` for unusable files, label conflicts and exact duplicates"
     q = "UPDATE files SET status='quarantine', reason=? WHERE status IS NULL AND "
@@ -151,7 +151,7 @@ def classify(con, formats:list, min_side:int):
                                                    WHERE f.sha256=files.sha256 AND f.status IS NULL)''')
     con.commit()
 
-# %% ../nbs/01_ingest.ipynb #bc82c96c
+# %% ../nbs/01_ingest.ipynb #a7179fba
 def _bands(h:int, bits:int):
     "The `bits+1` bands of 64-bit hash `h` as (band index, value) pairs"
     edges = np.linspace(0, 64, bits + 2).astype(int)
@@ -186,12 +186,12 @@ def quarantine_group_conflicts(con):
                    (SELECT grp FROM files WHERE status IS NULL AND grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT label)>1)''')
     con.commit()
 
-# %% ../nbs/01_ingest.ipynb #cdacd450
-def hash_split(sha:str, test_frac:float=0.2, salt:str='v1')->str:
-    "`test` or `train` for content hash `sha`, the same on every run and machine"
-    return 'test' if int(sha256_bytes(f'{salt}:{sha}'.encode())[:12], 16) / 16**12 < test_frac else 'train'
+# %% ../nbs/01_ingest.ipynb #43299542
+def hash_score(sha:str, salt:str='v1')->float:
+    "A number in [0, 1) drawn from content hash `sha`: the same on every run and machine"
+    return int(sha256_bytes(f'{salt}:{sha}'.encode())[:12], 16) / 16**12
 
-# %% ../nbs/01_ingest.ipynb #697cba81
+# %% ../nbs/01_ingest.ipynb #48f6c399
 def _ledger_head(test_frac, salt): return f'# split_salt={salt} test_frac={test_frac}'
 
 def read_ledger(con, path:Path, test_frac:float, salt:str)->int:
@@ -206,18 +206,29 @@ def read_ledger(con, path:Path, test_frac:float, salt:str)->int:
     return con.execute('SELECT COUNT(*) FROM ledger').fetchone()[0]
 
 def assign_splits(con, test_frac:float, salt:str):
-    "Set `split` on kept photos: ledger first, then their near-duplicate group's, then their own hash"
-    con.create_function('hash_split', 1, lambda s: hash_split(s, test_frac, salt), deterministic=True)
+    "Set `split` on kept photos: ledger first, then their near-duplicate group's, then a per-label quota by hash score"
+    con.create_function('score', 1, lambda s: hash_score(s, salt), deterministic=True)
     con.execute('UPDATE files SET split=(SELECT l.split FROM ledger l WHERE l.sha256=files.sha256) WHERE status IS NULL')
-    con.execute('''CREATE TEMP TABLE grp_split AS SELECT grp, COALESCE(
+    con.execute('CREATE TEMP TABLE grp_split(grp TEXT PRIMARY KEY, split TEXT)')
+    con.execute('''INSERT INTO grp_split SELECT grp, COALESCE(
                      (SELECT f.split FROM files f WHERE f.grp=g.grp AND f.split IS NOT NULL ORDER BY f.sha256 LIMIT 1),
-                     hash_split(grp)) AS split FROM (SELECT DISTINCT grp FROM files WHERE grp IS NOT NULL) g''')
+                     CASE WHEN score(grp) < ? THEN 'test' ELSE 'train' END) AS split
+                   FROM (SELECT DISTINCT grp FROM files WHERE grp IS NOT NULL AND status IS NULL) g''', (test_frac,))
     con.execute('''UPDATE files SET split=(SELECT s.split FROM grp_split s WHERE s.grp=files.grp)
                    WHERE status IS NULL AND split IS NULL AND grp IS NOT NULL''')
-    con.execute('UPDATE files SET split=hash_split(sha256) WHERE status IS NULL AND split IS NULL')
+    con.execute('CREATE TEMP TABLE quota(label TEXT PRIMARY KEY, q INT)')
+    con.execute('''INSERT INTO quota SELECT label, CAST(ROUND(? * COUNT(*)) AS INT) - SUM(split IS 'test') AS q
+                   FROM files WHERE status IS NULL GROUP BY label''', (test_frac,))
+    con.execute('CREATE TEMP TABLE ranked(path TEXT PRIMARY KEY, label TEXT, r INT)')
+    con.execute('''INSERT INTO ranked SELECT path, label, ROW_NUMBER() OVER
+                   (PARTITION BY label ORDER BY score(sha256)) AS r FROM files WHERE status IS NULL AND split IS NULL''')
+    con.execute('''UPDATE files SET split=(SELECT CASE WHEN k.r <= q.q THEN 'test' ELSE 'train' END
+                   FROM ranked k JOIN quota q ON q.label=k.label WHERE k.path=files.path)
+                   WHERE status IS NULL AND split IS NULL''')
     con.execute('UPDATE files SET status=split WHERE status IS NULL')
     con.execute("UPDATE files SET split=(SELECT f.split FROM files f WHERE f.path=files.dup_of) WHERE status='duplicate'")
-    con.execute('DROP TABLE grp_split'); con.commit()
+    for t in ['grp_split', 'quota', 'ranked']: con.execute(f'DROP TABLE {t}')
+    con.commit()
 
 def write_ledger(con, path:Path, test_frac:float, salt:str):
     "Write the old ledger plus every kept photo's split to `path`, sorted by hash (small git diffs)"
@@ -226,7 +237,7 @@ def write_ledger(con, path:Path, test_frac:float, salt:str):
         f.write(_ledger_head(test_frac, salt) + '\nsha256,split\n')
         csv.writer(f).writerows(con.execute('SELECT sha256, split FROM ledger ORDER BY sha256'))
 
-# %% ../nbs/01_ingest.ipynb #9d8426ab
+# %% ../nbs/01_ingest.ipynb #de4c8d27
 MANIFEST_COLS = ['path', 'label', 'status', 'reason', 'split', 'sha256', 'dup_of', 'near_dup_group', 'bytes',
                  'format', 'mode', 'converted', 'width', 'height', 'brightness', 'contrast', 'phash']
 
@@ -239,7 +250,7 @@ def write_manifest(con, path:Path):
     with open(path, 'w', newline='') as f:
         w = csv.writer(f); w.writerow(MANIFEST_COLS); w.writerows(con.execute(q))
 
-# %% ../nbs/01_ingest.ipynb #662f8d69
+# %% ../nbs/01_ingest.ipynb #182fa74b
 def ingest_metrics(con)->dict:
     "Counts per status, reason, label and split, for DVC and the closing note"
     one = lambda q: con.execute(q).fetchone()[0]
@@ -254,7 +265,7 @@ def ingest_metrics(con)->dict:
                 groups_across_splits=one('SELECT COUNT(*) FROM (SELECT grp FROM files WHERE grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT split)>1)'),
                 cached=one('SELECT COUNT(*) FROM files WHERE cached'))
 
-# %% ../nbs/01_ingest.ipynb #0deaa85f
+# %% ../nbs/01_ingest.ipynb #07d7ab81
 def ingest_lake(data_dir:Path, out_dir:Path, classes:list=('Cat', 'Dog'), test_frac:float=0.2, split_salt:str='v1',
                 formats:list=('JPEG', 'PNG', 'WEBP', 'BMP'), min_side:int=32, max_pixels:int=40_000_000,
                 near_dup_bits:int=4, workers:int=2, cache_dir:Path=None, **kwargs)->dict:
@@ -286,3 +297,65 @@ def _cache_new(con, cache_dir, max_pixels):
     rows = con.execute(f"SELECT sha256, {','.join(cols)} FROM files WHERE NOT cached AND problem IS NOT 'os_litter'")
     FactCache(cache_dir/f'facts-v{CACHE_VERSION}.sqlite').put_many(
         (r[0], max_pixels, {**dict(zip(cols, r[1:])), 'phash': None if r[6] is None else r[6] & MASK64}) for r in rows)
+
+# %% ../nbs/01_ingest.ipynb #0a9c6422
+def synth_lake(src:Path, dst:Path, n:int, classes=('Cat', 'Dog'), seed:int=0)->Path:
+    "Write `n` distinct photos to `dst/<class>/` by re-encoding usable photos of `src` with small random crops"
+    rng, dst = np.random.default_rng(seed), Path(dst)
+    srcs = [(p, l) for p, l in walk_lake(src, classes) if l and p.lower().endswith('.jpg') and not is_litter(Path(p).name)]
+    for l in classes: (dst/l).mkdir(parents=True, exist_ok=True)
+    done, i, bar = 0, 0, tqdm(total=n, desc='synthesise', unit='img', mininterval=2)
+    while done < n:
+        if i == len(srcs) and not done: raise PetparkError(f'no usable photos in {src} to synthesise from')
+        (p, l), i = srcs[i % len(srcs)], i + 1
+        try: im = open_rgb(Path(src)/p)
+        except Exception: continue  # a broken lake file: skip it
+        x, y = rng.integers(0, 8, 2); q = int(rng.integers(70, 96))
+        im.crop((x, y, im.width - 7 + x, im.height - 7 + y)).save(dst/l/f's{done:06d}.jpg', quality=q)
+        done += 1; bar.update()
+    bar.close()
+    return dst
+
+# %% ../nbs/01_ingest.ipynb #d537d42f
+_BENCH_RUN = """
+import json, resource, sys, tempfile
+from petpark.ingest import ingest_lake
+a = json.loads(sys.argv[1])
+with tempfile.TemporaryDirectory() as d:
+    m = ingest_lake(a['lake'], d + '/out', cache_dir=a.get('cache') or d + '/cache', workers=a['workers'], **a['params'])
+kb = lambda w: resource.getrusage(w).ru_maxrss
+print(json.dumps(dict(images=m['files'], seconds=m['seconds'], images_per_s=m['images_per_s'],
+                      peak_mb=round((kb(resource.RUSAGE_SELF) + kb(resource.RUSAGE_CHILDREN)) / 1024, 1))))
+"""
+
+def _bench_run(lake, workers, params, cache=None)->dict:
+    "One ingest of `lake` in a fresh process: images/s and peak memory (process + largest worker)"
+    arg = json.dumps(dict(lake=str(lake), workers=workers, params=params, cache=cache and str(cache)))
+    out = subprocess.run([sys.executable, '-c', _BENCH_RUN, arg], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+# %% ../nbs/01_ingest.ipynb #25a07457
+def bench_ingest(lake:Path, out:Path, big:int=100_000, work_dir:Path=None, params:dict=None)->dict:
+    "Ingest images/s and peak memory at the lake's size and at `big` synthetic photos; writes `out` (.json and .md)"
+    params = {k: v for k, v in (params or {}).items() if k != 'workers'}
+    with tempfile.TemporaryDirectory(dir=work_dir) as d:
+        runs = {'lake, 1 worker (baseline)': _bench_run(lake, 1, params),
+                'lake, 2 workers': _bench_run(lake, 2, params)}
+        _bench_run(lake, 2, params, cache=Path(d)/'cache')  # fills the cache
+        runs['lake, 2 workers, warm cache'] = _bench_run(lake, 2, params, cache=Path(d)/'cache')
+        if big: runs[f'{big:,} synthetic, 2 workers'] = _bench_run(synth_lake(lake, Path(d)/'big', big), 2, params)
+    base = runs['lake, 1 worker (baseline)']
+    for r in runs.values():
+        r.update(speed_vs_baseline=round(r['images_per_s'] / base['images_per_s'], 2),
+                 memory_vs_baseline=round(r['peak_mb'] / base['peak_mb'], 2))
+    res = dict(cpus=os.cpu_count(), runs=runs)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).with_suffix('.json').write_text(json.dumps(res, indent=2))
+    Path(out).with_suffix('.md').write_text(bench_table(runs))
+    return res
+
+def bench_table(runs:dict)->str:
+    "A markdown table of benchmark `runs`"
+    keys = ['images', 'seconds', 'images_per_s', 'peak_mb', 'speed_vs_baseline', 'memory_vs_baseline']
+    rows = [f"| {name} | " + ' | '.join(str(r[k]) for k in keys) + ' |' for name, r in runs.items()]
+    return '\n'.join(['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|', *rows]) + '\n'
