@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'data', 'ingest', 'repro', 'bench', 'main']
 
-# %% ../nbs/90_cli.ipynb #65ecbe70
-import json, shutil, subprocess, sys
+# %% ../nbs/90_cli.ipynb #09066f06
+import json, os, shutil, subprocess, sys
+import yaml
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser
 from .core import *
 
-# %% ../nbs/90_cli.ipynb #db7654a2
+# %% ../nbs/90_cli.ipynb #a2e47d7b
 def _dvc(*args, root=None):
     "Run `dvc args` in the project root; a failure is a `PetparkError`"
     dvc = shutil.which('dvc') or str(Path(sys.executable).parent/'dvc')
@@ -19,7 +20,7 @@ def _dvc(*args, root=None):
     if r.returncode: raise PetparkError(f"dvc {' '.join(map(str, args))} failed: {(r.stderr or r.stdout).strip()}")
     return r.stdout
 
-# %% ../nbs/90_cli.ipynb #5ef6b5ab
+# %% ../nbs/90_cli.ipynb #97ab526c
 @call_parse
 def data(root:str=None): # project folder (default: the one around the current directory)
     "Import the lake named by the `lake` setting into `data/`, pinned by `data.dvc`; re-run to pick up a changed lake"
@@ -30,10 +31,11 @@ def data(root:str=None): # project folder (default: the one around the current d
     before = dvcfile.read_text() if dvcfile.exists() else ''
     if same: _dvc('update', 'data.dvc', root=root)
     else: _dvc('import-url', '--force', os.path.relpath(lake, root), 'data', root=root)
+    _dvc('unfreeze', 'data.dvc', root=root)  # so `dvc status` shows, and `dvc repro` takes, a changed lake
     changed = dvcfile.read_text() != before
     print(f"data/ holds the lake at {lake} ({'changed: commit data.dvc' if changed else 'unchanged'})")
 
-# %% ../nbs/90_cli.ipynb #42b7f060
+# %% ../nbs/90_cli.ipynb #43a4b6b9
 @call_parse
 def ingest(data_dir:str='data', # lake snapshot (from `petpark data`)
            out_dir:str='artifacts/ingest', # where manifest.csv and splits.csv go
@@ -45,13 +47,13 @@ def ingest(data_dir:str='data', # lake snapshot (from `petpark data`)
     proj_path(metrics).write_text(json.dumps(m, indent=2))
     print(json.dumps(m, indent=2))
 
-# %% ../nbs/90_cli.ipynb #0d34278e
+# %% ../nbs/90_cli.ipynb #34b16434
 @call_parse
 def repro(stages:list=None): # stages to bring up to date (default: all)
     "Bring the pipeline up to date with `dvc repro` (notebook stages run by papermill)"
     print(_dvc('repro', *(stages or [])))
 
-# %% ../nbs/90_cli.ipynb #09e90206
+# %% ../nbs/90_cli.ipynb #56c6f604
 @call_parse
 def bench(what:str, # what to benchmark: `ingest`
           big:int=100_000, # size of the synthetic lake
@@ -63,7 +65,7 @@ def bench(what:str, # what to benchmark: `ingest`
     r = bench_ingest(lake_path(), proj_path(out), big=big, work_dir=proj_path(get_settings()['cache_dir']), params=p)
     print(Path(proj_path(out)).with_suffix('.md').read_text())
 
-# %% ../nbs/90_cli.ipynb #eece1163
+# %% ../nbs/90_cli.ipynb #007555a1
 COMMANDS = dict(data=data, ingest=ingest, repro=repro, bench=bench)
 
 def main(argv:list=None)->int:

@@ -1,0 +1,34 @@
+"The `petpark` command: help, and one clear line (no traceback) for a problem the user can fix"
+import subprocess
+from conftest import ROOT
+
+
+def petpark(*args, env):
+    return subprocess.run(['petpark', *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_missing_lake_is_one_clear_line(env, tmp_path):
+    env['PETPARK_LAKE'] = str(tmp_path/'no-lake')
+    r = petpark('data', env=env)
+    assert r.returncode == 2
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert 'no-lake' in r.stderr and 'PETPARK_LAKE' in r.stderr and 'settings.ini' in r.stderr
+
+
+def test_lake_that_is_a_file_is_one_clear_line(env, tmp_path):
+    (tmp_path/'lake.zip').write_bytes(b'PK')
+    env['PETPARK_LAKE'] = str(tmp_path/'lake.zip')
+    r = petpark('data', env=env)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr and 'PETPARK_LAKE' in r.stderr
+
+
+def test_usage_and_help(env):
+    r = petpark(env=env)
+    assert r.returncode == 2 and 'ingest' in r.stderr and 'bench' in r.stderr
+    r = petpark('ingest', '--help', env=env)
+    assert r.returncode == 0 and '--out-dir' in r.stdout
+
+
+def test_unknown_benchmark(env):
+    r = petpark('bench', 'nothing', env=env)
+    assert r.returncode == 2 and 'choose ingest' in r.stderr

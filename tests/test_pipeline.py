@@ -1,0 +1,48 @@
+"The real thing at small size: `petpark data` + `dvc repro` in a temporary copy of the repo on a subset of the lake"
+import json, shutil, subprocess
+from pathlib import Path
+import pandas as pd
+from conftest import ROOT, make_lake, tree_digest
+
+
+def sh(cmd, cwd, env):
+    r = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f'{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r.stdout + r.stderr
+
+
+def copy_repo(dst: Path) -> Path:
+    "The checkout's tracked and new files (no venv, data, caches or outputs), as a fresh clone would have them"
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split('\n')
+    for f in filter(None, files):
+        if (ROOT/f).is_file():
+            (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, dst/f)
+    return dst
+
+
+def test_dvc_repro_end_to_end(tmp_path, env):
+    repo, lake = copy_repo(tmp_path/'repo'), make_lake(tmp_path/'lake', 30)
+    before = tree_digest(lake)
+    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'))
+    sh('git init -q && git add -A', repo, env)
+    out = sh('petpark data', repo, env)
+    assert 'data/ holds the lake' in out and (repo/'data/Cat').is_dir()
+    sh('dvc repro', repo, env)
+    for f in ['reports/01_ingest.ipynb', 'reports/02_eda.ipynb', 'reports/02_eda.html',
+              'artifacts/ingest/manifest.csv', 'artifacts/ingest/splits.csv']:
+        assert (repo/f).stat().st_size > 0, f
+    man = pd.read_csv(repo/'artifacts/ingest/manifest.csv')
+    assert sorted(man.path) == sorted(before), 'the manifest must account for every lake file once'
+    metrics = json.loads((repo/'metrics/ingest.json').read_text())
+    assert metrics['files'] == len(before) and metrics['reason']['truncated'] == 1
+    html = (repo/'reports/02_eda.html').read_text()
+    assert 'Files per label and status' in html and 'def fig_balance' not in html, 'EDA page: figures, no code'
+    assert 'up to date' in sh('dvc repro', repo, env)
+    assert tree_digest(lake) == before, 'the lake must stay byte-for-byte unchanged'
+
+    # a changed lake shows as changed data, and `petpark data` brings it in
+    shutil.copy(lake/'Cat/1.jpg', lake/'Cat/1_copy.jpg')
+    assert 'changed deps' in sh('dvc status data.dvc', repo, env)
+    assert 'changed: commit data.dvc' in sh('petpark data', repo, env)
+    assert 'ingest' in sh('dvc status', repo, env)
