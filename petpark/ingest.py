@@ -8,7 +8,7 @@ __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'MANIFEST_COLS', 'is_litter', 'w
            'read_ledger', 'assign_splits', 'write_ledger', 'write_manifest', 'ingest_metrics', 'ingest_lake',
            'synth_lake', 'bench_ingest', 'bench_table']
 
-# %% ../nbs/01_ingest.ipynb #3c50a0ab
+# %% ../nbs/01_ingest.ipynb #a545cf4c
 import csv, io, json, os, sqlite3, subprocess, sys, tempfile, time, warnings
 from contextlib import closing, nullcontext
 from multiprocessing import Pool
@@ -19,7 +19,7 @@ from scipy.fft import dctn
 from tqdm.auto import tqdm
 from .core import *
 
-# %% ../nbs/01_ingest.ipynb #e5dbb776
+# %% ../nbs/01_ingest.ipynb #2d73e5d9
 LITTER = {'.ds_store', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '.directory'}
 
 def is_litter(name:str)->bool:
@@ -27,7 +27,7 @@ def is_litter(name:str)->bool:
     n = name.lower()
     return n in LITTER or n.startswith('._') or n.startswith('~$')
 
-# %% ../nbs/01_ingest.ipynb #6eff991a
+# %% ../nbs/01_ingest.ipynb #a546ba19
 def walk_lake(root:Path, classes:list):
     "Yield `(relpath, label)` for every file under `root` in a stable order; `label` is None outside a class folder"
     root = Path(root)
@@ -37,7 +37,7 @@ def walk_lake(root:Path, classes:list):
         label = rel.parts[0] if rel.parts and rel.parts[0] in classes else None
         for f in sorted(files): yield (rel/f).as_posix(), label
 
-# %% ../nbs/01_ingest.ipynb #8f789cb1
+# %% ../nbs/01_ingest.ipynb #602b84a1
 MASK64 = (1 << 64) - 1
 
 def phash(im:Image.Image)->int:
@@ -50,7 +50,7 @@ def hamming(a:int, b:int)->int:
     "Number of differing bits between two 64-bit hashes (signed or not)"
     return ((a ^ b) & MASK64).bit_count()
 
-# %% ../nbs/01_ingest.ipynb #38234045
+# %% ../nbs/01_ingest.ipynb #a4374dfa
 def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
     "Facts about one file's bytes, with the `problem` that makes it unusable for training, if any"
     r = dict(format=None, mode=None, width=None, height=None, problem=None, phash=None, brightness=None, contrast=None)
@@ -68,7 +68,7 @@ def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
     g = np.asarray(to_rgb(im).convert('L'), dtype=np.float32)
     return {**r, 'phash': phash(im), 'brightness': round(float(g.mean()), 2), 'contrast': round(float(g.std()), 2)}
 
-# %% ../nbs/01_ingest.ipynb #04629a8f
+# %% ../nbs/01_ingest.ipynb #70850d40
 CACHE_VERSION = 1  # bump when `analyse` changes what it records
 
 class FactCache:
@@ -85,7 +85,7 @@ class FactCache:
         with self.con: self.con.executemany('INSERT OR REPLACE INTO facts VALUES (?,?,?)',
                                             [(s, m, json.dumps(f)) for s, m, f in rows])
 
-# %% ../nbs/01_ingest.ipynb #33a6c073
+# %% ../nbs/01_ingest.ipynb #c617b0d6
 _worker = {}
 
 def _init_worker(cache_file, max_pixels):
@@ -101,7 +101,7 @@ def _scan_one(job)->dict:
     if facts is not None: return {**row, **facts, 'cached': True}
     return {**row, **analyse(b, _worker['max_pixels'])}
 
-# %% ../nbs/01_ingest.ipynb #5ba64d77
+# %% ../nbs/01_ingest.ipynb #79488c86
 def scan(root:Path, classes:list, cache_file:Path, max_pixels:int=40_000_000, workers:int=2):
     "Yield one row per file under `root`, decoding in `workers` processes and caching facts by content hash"
     n = sum(len(f) for _, _, f in os.walk(root))
@@ -113,7 +113,7 @@ def scan(root:Path, classes:list, cache_file:Path, max_pixels:int=40_000_000, wo
         for row in pool.imap(_scan_one, jobs, chunksize=64) if pool else map(_scan_one, jobs):
             bar.update(); yield row
 
-# %% ../nbs/01_ingest.ipynb #c991d2d7
+# %% ../nbs/01_ingest.ipynb #ced33a90
 _COLS = ['path', 'label', 'sha256', 'bytes', 'format', 'mode', 'width', 'height', 'problem', 'phash',
          'brightness', 'contrast', 'cached']
 _SCHEMA = '''CREATE TABLE files(path TEXT PRIMARY KEY, label TEXT, sha256 TEXT, bytes INT, format TEXT, mode TEXT,
@@ -135,7 +135,7 @@ def load_rows(con, rows, batch=2000):
     flush(buf); con.commit()
     return n
 
-# %% ../nbs/01_ingest.ipynb #c67d65ce
+# %% ../nbs/01_ingest.ipynb #8d36bb19
 def classify(con, formats:list, min_side:int):
     "Set `status`/`reason` for unusable files, label conflicts and exact duplicates"
     q = "UPDATE files SET status='quarantine', reason=? WHERE status IS NULL AND "
@@ -151,7 +151,7 @@ def classify(con, formats:list, min_side:int):
                                                    WHERE f.sha256=files.sha256 AND f.status IS NULL)''')
     con.commit()
 
-# %% ../nbs/01_ingest.ipynb #a7179fba
+# %% ../nbs/01_ingest.ipynb #71eff61f
 def _bands(h:int, bits:int):
     "The `bits+1` bands of 64-bit hash `h` as (band index, value) pairs"
     edges = np.linspace(0, 64, bits + 2).astype(int)
@@ -186,12 +186,12 @@ def quarantine_group_conflicts(con):
                    (SELECT grp FROM files WHERE status IS NULL AND grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT label)>1)''')
     con.commit()
 
-# %% ../nbs/01_ingest.ipynb #43299542
+# %% ../nbs/01_ingest.ipynb #680a63cf
 def hash_score(sha:str, salt:str='v1')->float:
     "A number in [0, 1) drawn from content hash `sha`: the same on every run and machine"
     return int(sha256_bytes(f'{salt}:{sha}'.encode())[:12], 16) / 16**12
 
-# %% ../nbs/01_ingest.ipynb #48f6c399
+# %% ../nbs/01_ingest.ipynb #9bd8992a
 def _ledger_head(test_frac, salt): return f'# split_salt={salt} test_frac={test_frac}'
 
 def read_ledger(con, path:Path, test_frac:float, salt:str)->int:
@@ -237,7 +237,7 @@ def write_ledger(con, path:Path, test_frac:float, salt:str):
         f.write(_ledger_head(test_frac, salt) + '\nsha256,split\n')
         csv.writer(f).writerows(con.execute('SELECT sha256, split FROM ledger ORDER BY sha256'))
 
-# %% ../nbs/01_ingest.ipynb #de4c8d27
+# %% ../nbs/01_ingest.ipynb #afce07b6
 MANIFEST_COLS = ['path', 'label', 'status', 'reason', 'split', 'sha256', 'dup_of', 'near_dup_group', 'bytes',
                  'format', 'mode', 'converted', 'width', 'height', 'brightness', 'contrast', 'phash']
 
@@ -250,7 +250,7 @@ def write_manifest(con, path:Path):
     with open(path, 'w', newline='') as f:
         w = csv.writer(f); w.writerow(MANIFEST_COLS); w.writerows(con.execute(q))
 
-# %% ../nbs/01_ingest.ipynb #182fa74b
+# %% ../nbs/01_ingest.ipynb #5d93d5e8
 def ingest_metrics(con)->dict:
     "Counts per status, reason, label and split, for DVC and the closing note"
     one = lambda q: con.execute(q).fetchone()[0]
@@ -265,7 +265,7 @@ def ingest_metrics(con)->dict:
                 groups_across_splits=one('SELECT COUNT(*) FROM (SELECT grp FROM files WHERE grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT split)>1)'),
                 cached=one('SELECT COUNT(*) FROM files WHERE cached'))
 
-# %% ../nbs/01_ingest.ipynb #07d7ab81
+# %% ../nbs/01_ingest.ipynb #3257df72
 def ingest_lake(data_dir:Path, out_dir:Path, classes:list=('Cat', 'Dog'), test_frac:float=0.2, split_salt:str='v1',
                 formats:list=('JPEG', 'PNG', 'WEBP', 'BMP'), min_side:int=32, max_pixels:int=40_000_000,
                 near_dup_bits:int=4, workers:int=2, cache_dir:Path=None, **kwargs)->dict:
@@ -298,25 +298,24 @@ def _cache_new(con, cache_dir, max_pixels):
     FactCache(cache_dir/f'facts-v{CACHE_VERSION}.sqlite').put_many(
         (r[0], max_pixels, {**dict(zip(cols, r[1:])), 'phash': None if r[6] is None else r[6] & MASK64}) for r in rows)
 
-# %% ../nbs/01_ingest.ipynb #0a9c6422
-def synth_lake(src:Path, dst:Path, n:int, classes=('Cat', 'Dog'), seed:int=0)->Path:
-    "Write `n` distinct photos to `dst/<class>/` by re-encoding usable photos of `src` with small random crops"
-    rng, dst = np.random.default_rng(seed), Path(dst)
-    srcs = [(p, l) for p, l in walk_lake(src, classes) if l and p.lower().endswith('.jpg') and not is_litter(Path(p).name)]
-    for l in classes: (dst/l).mkdir(parents=True, exist_ok=True)
-    done, i, bar = 0, 0, tqdm(total=n, desc='synthesise', unit='img', mininterval=2)
-    while done < n:
-        if i == len(srcs) and not done: raise PetparkError(f'no usable photos in {src} to synthesise from')
-        (p, l), i = srcs[i % len(srcs)], i + 1
-        try: im = open_rgb(Path(src)/p)
-        except Exception: continue  # a broken lake file: skip it
-        x, y = rng.integers(0, 8, 2); q = int(rng.integers(70, 96))
-        im.crop((x, y, im.width - 7 + x, im.height - 7 + y)).save(dst/l/f's{done:06d}.jpg', quality=q)
-        done += 1; bar.update()
-    bar.close()
+# %% ../nbs/01_ingest.ipynb #e3a17ea3
+def synth_lake(src:Path, dst:Path, n:int, classes=('Cat', 'Dog'), seed:int=0, pool:int=400)->Path:
+    "Write `n` distinct photos to `dst/<class>/`: JPEG mosaics of four thumbnails of one class from `src`"
+    rng, dst, thumbs = np.random.default_rng(seed), Path(dst), {}
+    for l in classes:
+        (dst/l).mkdir(parents=True, exist_ok=True)
+        for p, _ in walk_lake(Path(src), [l]):
+            if len(thumbs.setdefault(l, [])) >= pool or not p.startswith(f'{l}/'): continue
+            try: thumbs[l].append(open_rgb(Path(src)/p).resize((90, 90)))
+            except Exception: pass  # a broken lake file: skip it
+        if not thumbs[l]: raise PetparkError(f'no usable {l} photos in {src} to synthesise from')
+    for i in tqdm(range(n), desc='synthesise', unit='img', mininterval=2):
+        l = classes[i % len(classes)]; im = Image.new('RGB', (180, 180))
+        for k, j in enumerate(rng.integers(0, len(thumbs[l]), 4)): im.paste(thumbs[l][j], ((k % 2)*90, (k//2)*90))
+        im.save(dst/l/f's{i:06d}.jpg', quality=int(rng.integers(75, 95)))
     return dst
 
-# %% ../nbs/01_ingest.ipynb #d537d42f
+# %% ../nbs/01_ingest.ipynb #526fcb03
 _BENCH_RUN = """
 import json, resource, sys, tempfile
 from petpark.ingest import ingest_lake
@@ -334,7 +333,7 @@ def _bench_run(lake, workers, params, cache=None)->dict:
     out = subprocess.run([sys.executable, '-c', _BENCH_RUN, arg], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
-# %% ../nbs/01_ingest.ipynb #25a07457
+# %% ../nbs/01_ingest.ipynb #6e5223e8
 def bench_ingest(lake:Path, out:Path, big:int=100_000, work_dir:Path=None, params:dict=None)->dict:
     "Ingest images/s and peak memory at the lake's size and at `big` synthetic photos; writes `out` (.json and .md)"
     params = {k: v for k, v in (params or {}).items() if k != 'workers'}
