@@ -29,7 +29,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'petpark.ingest.FactCache.__init__': ('ingest.html#factcache.__init__', 'petpark/ingest.py'),
                                 'petpark.ingest.FactCache.get': ('ingest.html#factcache.get', 'petpark/ingest.py'),
                                 'petpark.ingest.FactCache.put_many': ('ingest.html#factcache.put_many', 'petpark/ingest.py'),
-                                'petpark.ingest._bands': ('ingest.html#_bands', 'petpark/ingest.py'),
+                                'petpark.ingest._band_masks': ('ingest.html#_band_masks', 'petpark/ingest.py'),
                                 'petpark.ingest._bench_run': ('ingest.html#_bench_run', 'petpark/ingest.py'),
                                 'petpark.ingest._cache_new': ('ingest.html#_cache_new', 'petpark/ingest.py'),
                                 'petpark.ingest._find': ('ingest.html#_find', 'petpark/ingest.py'),
