@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'data', 'ingest', 'repro', 'bench', 'main']
 
-# %% ../nbs/90_cli.ipynb #09066f06
+# %% ../nbs/90_cli.ipynb #6c1e4853
 import json, os, shutil, subprocess, sys
 import yaml
 from pathlib import Path
 from fastcore.script import call_parse, anno_parser
 from .core import *
 
-# %% ../nbs/90_cli.ipynb #a2e47d7b
+# %% ../nbs/90_cli.ipynb #f14f2fe8
 def _dvc(*args, root=None):
     "Run `dvc args` in the project root; a failure is a `PetparkError`"
     dvc = shutil.which('dvc') or str(Path(sys.executable).parent/'dvc')
@@ -20,7 +20,7 @@ def _dvc(*args, root=None):
     if r.returncode: raise PetparkError(f"dvc {' '.join(map(str, args))} failed: {(r.stderr or r.stdout).strip()}")
     return r.stdout
 
-# %% ../nbs/90_cli.ipynb #97ab526c
+# %% ../nbs/90_cli.ipynb #45d7d827
 @call_parse
 def data(root:str=None): # project folder (default: the one around the current directory)
     "Import the lake named by the `lake` setting into `data/`, pinned by `data.dvc`; re-run to pick up a changed lake"
@@ -35,7 +35,7 @@ def data(root:str=None): # project folder (default: the one around the current d
     changed = dvcfile.read_text() != before
     print(f"data/ holds the lake at {lake} ({'changed: commit data.dvc' if changed else 'unchanged'})")
 
-# %% ../nbs/90_cli.ipynb #43a4b6b9
+# %% ../nbs/90_cli.ipynb #563db82a
 @call_parse
 def ingest(data_dir:str='data', # lake snapshot (from `petpark data`)
            out_dir:str='artifacts/ingest', # where manifest.csv and splits.csv go
@@ -47,13 +47,13 @@ def ingest(data_dir:str='data', # lake snapshot (from `petpark data`)
     proj_path(metrics).write_text(json.dumps(m, indent=2))
     print(json.dumps(m, indent=2))
 
-# %% ../nbs/90_cli.ipynb #34b16434
+# %% ../nbs/90_cli.ipynb #f5ab60e2
 @call_parse
 def repro(stages:list=None): # stages to bring up to date (default: all)
     "Bring the pipeline up to date with `dvc repro` (notebook stages run by papermill)"
     print(_dvc('repro', *(stages or [])))
 
-# %% ../nbs/90_cli.ipynb #56c6f604
+# %% ../nbs/90_cli.ipynb #38a786a5
 @call_parse
 def bench(what:str, # what to benchmark: `ingest`
           big:int=100_000, # size of the synthetic lake
@@ -62,10 +62,10 @@ def bench(what:str, # what to benchmark: `ingest`
     if what != 'ingest': raise PetparkError(f"unknown benchmark {what!r}: choose ingest")
     from petpark.ingest import bench_ingest
     p = load_params()['ingest']
-    r = bench_ingest(lake_path(), proj_path(out), big=big, work_dir=proj_path(get_settings()['cache_dir']), params=p)
+    bench_ingest(lake_path(), proj_path(out), big=big, work_dir=proj_path(get_settings()['cache_dir']), params=p)
     print(Path(proj_path(out)).with_suffix('.md').read_text())
 
-# %% ../nbs/90_cli.ipynb #007555a1
+# %% ../nbs/90_cli.ipynb #7fa206db
 COMMANDS = dict(data=data, ingest=ingest, repro=repro, bench=bench)
 
 def main(argv:list=None)->int:
