@@ -1,8 +1,21 @@
 "The real thing at small size: `petpark data` + `dvc repro` in a temporary copy of the repo on a subset of the lake"
 import json, shutil, subprocess
 from pathlib import Path
-import pandas as pd
+import pandas as pd, yaml
 from conftest import ROOT, make_lake, tree_digest
+
+# a tiny training budget, set through params as a user would (real fastai, minutes become seconds)
+TINY = {'train.img_size': 64, 'train.bs': 16, 'train.max_train': 60, 'train.search.lrs': [0.003],
+        'train.search.subset': 20, 'train.search.img_size': 64}
+
+
+def set_params(path: Path, **dotted):
+    p = yaml.safe_load(path.read_text())
+    for k, v in dotted.items():
+        *head, last = k.split('.'); d = p
+        for h in head: d = d[h]
+        d[last] = v
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
 def sh(cmd, cwd, env):
@@ -24,13 +37,16 @@ def copy_repo(dst: Path) -> Path:
 def test_dvc_repro_end_to_end(tmp_path, env):
     repo, lake = copy_repo(tmp_path/'repo'), make_lake(tmp_path/'lake', 30)
     before = tree_digest(lake)
-    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'))
-    sh('git init -q && git add -A', repo, env)
+    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'),
+               GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
+    set_params(repo/'params.yaml', **TINY)
+    sh('git init -q && git add -A && git commit -qm base', repo, env)
     out = sh('petpark data', repo, env)
     assert 'data/ holds the lake' in out and (repo/'data/Cat').is_dir()
     sh('dvc repro', repo, env)
     for f in ['reports/01_ingest.ipynb', 'reports/02_eda.ipynb', 'reports/02_eda.html',
-              'artifacts/ingest/manifest.csv', 'artifacts/ingest/splits.csv']:
+              'artifacts/ingest/manifest.csv', 'artifacts/ingest/splits.csv', 'reports/03_train.ipynb', 'models/model.pkl',
+              'artifacts/train/history.csv', 'reports/04_evaluate.html', 'artifacts/evaluate/roc.csv']:
         assert (repo/f).stat().st_size > 0, f
     man = pd.read_csv(repo/'artifacts/ingest/manifest.csv')
     assert sorted(man.path) == sorted(before), 'the manifest must account for every lake file once'
@@ -38,8 +54,17 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     assert metrics['files'] == len(before) and metrics['reason']['truncated'] == 1
     html = (repo/'reports/02_eda.html').read_text()
     assert 'Files per label and status' in html and 'def fig_balance' not in html, 'EDA page: figures, no code'
+    ev = json.loads((repo/'metrics/evaluate.json').read_text())
+    assert ev['gate']['passed'] is False and ev['n'] == len(man[man.status == 'test']), 'a tiny model fails the gate'
+    assert 'Confusion' in sh('dvc plots show --json', repo, env)
     assert 'up to date' in sh('dvc repro', repo, env)
     assert tree_digest(lake) == before, 'the lake must stay byte-for-byte unchanged'
+
+    # an experiment with one knob changed is compared with the baseline by `dvc exp show`
+    sh("git add -A && git commit -qm 'tiny run'", repo, env)
+    sh('dvc exp run -n lr-001 -S train.search.lrs=[] -S train.lr=0.001', repo, env)
+    table = sh('dvc exp show --csv', repo, env)
+    assert 'lr-001' in table and 'accuracy' in table
 
     # a changed lake shows as changed data, and `petpark data` brings it in
     shutil.copy(lake/'Cat/1.jpg', lake/'Cat/1_copy.jpg')
