@@ -4,19 +4,19 @@
 
 # %% auto #0
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'get_settings', 'lake_path', 'load_params', 'get_logger', 'sha256_bytes',
-           'to_rgb', 'open_rgb']
+           'to_rgb', 'open_rgb', 'photo_grid']
 
-# %% ../nbs/00_core.ipynb #8199b37b
+# %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, hashlib, io, logging, os, sys
 from pathlib import Path
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 
-# %% ../nbs/00_core.ipynb #f903cad4
+# %% ../nbs/00_core.ipynb #e2f5d726
 class PetparkError(Exception):
     "A problem the user can fix; the CLI prints it as one line, without a traceback"
 
-# %% ../nbs/00_core.ipynb #5bc14829
+# %% ../nbs/00_core.ipynb #934a5bf1
 def proj_root(path=None)->Path:
     "The nearest folder at or above `path` (default: cwd) whose `pyproject.toml` is petpark's"
     p = Path(path or os.getcwd()).resolve()
@@ -25,13 +25,13 @@ def proj_root(path=None)->Path:
         if f.exists() and 'name = "petpark"' in f.read_text(): return d
     raise PetparkError(f"no petpark checkout at or above {p}: run petpark inside the project folder")
 
-# %% ../nbs/00_core.ipynb #89053c96
+# %% ../nbs/00_core.ipynb #ee087077
 def proj_path(p, root=None)->Path:
     "`p` resolved against the project root, unless it is absolute"
     p = Path(p).expanduser()
     return p if p.is_absolute() else proj_root(root)/p
 
-# %% ../nbs/00_core.ipynb #17651602
+# %% ../nbs/00_core.ipynb #24c752fc
 def get_settings(root=None)->dict:
     "`settings.ini`'s `[petpark]` section, each key overridden by a `PETPARK_<KEY>` environment variable"
     cp = configparser.ConfigParser()
@@ -41,7 +41,7 @@ def get_settings(root=None)->dict:
         if (v := os.environ.get(f'PETPARK_{k.upper()}')) is not None: s[k] = v
     return s
 
-# %% ../nbs/00_core.ipynb #3bc8fc2f
+# %% ../nbs/00_core.ipynb #22e96a63
 def lake_path(root=None)->Path:
     "The lake folder from settings, checked: a missing or unreadable lake is one clear error naming the setting"
     p = proj_path(get_settings(root)['lake'], root)
@@ -50,12 +50,12 @@ def lake_path(root=None)->Path:
     if not os.access(p, os.R_OK|os.X_OK): raise PetparkError(f"lake at {p} is not readable: {fix}")
     return p
 
-# %% ../nbs/00_core.ipynb #3169a1fa
+# %% ../nbs/00_core.ipynb #16dc0f5b
 def load_params(root=None)->dict:
     "All of `params.yaml`, one section per stage plus `base`"
     return yaml.safe_load((proj_root(root)/'params.yaml').read_text())
 
-# %% ../nbs/00_core.ipynb #2adebec0
+# %% ../nbs/00_core.ipynb #afcaf3f9
 def get_logger(name='petpark')->logging.Logger:
     "A logger that writes `time level name: message` lines to stderr, set up once"
     log = logging.getLogger(name)
@@ -65,12 +65,12 @@ def get_logger(name='petpark')->logging.Logger:
         log.addHandler(h); log.setLevel(logging.INFO); log.propagate = False
     return log
 
-# %% ../nbs/00_core.ipynb #e6f9be24
+# %% ../nbs/00_core.ipynb #2cecff87
 def sha256_bytes(b:bytes)->str:
     "Hex SHA-256 of `b`"
     return hashlib.sha256(b).hexdigest()
 
-# %% ../nbs/00_core.ipynb #daa29c80
+# %% ../nbs/00_core.ipynb #10d36bbc
 def to_rgb(im:Image.Image)->Image.Image:
     "`im` as RGB; transparency composited onto white"
     if im.mode == 'RGB': return im
@@ -81,9 +81,20 @@ def to_rgb(im:Image.Image)->Image.Image:
         return bg
     return im.convert('RGB')
 
-# %% ../nbs/00_core.ipynb #be017beb
+# %% ../nbs/00_core.ipynb #288cf92d
 def open_rgb(src)->Image.Image:
     "Fully decoded RGB image from a path or bytes (`load` catches truncated files that `verify` misses)"
     im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
     im.load()
     return to_rgb(im)
+
+# %% ../nbs/00_core.ipynb #ca62e5b3
+def photo_grid(paths:list, root:Path, size:int=96, cols:int=8, captions:list=None)->Image.Image:
+    "Photos `root/path` as `size`-pixel tiles, `cols` per row, each with its caption underneath if given"
+    h = size + (16 if captions else 0)
+    grid = Image.new('RGB', (cols*size, max(1, -(-len(paths) // cols))*h), 'white')
+    for i, p in enumerate(paths):
+        x, y = (i % cols)*size, (i//cols)*h
+        grid.paste(open_rgb(Path(root)/p).resize((size, size)), (x, y))
+        if captions: ImageDraw.Draw(grid).text((x + 2, y + size + 2), captions[i], fill='black')
+    return grid

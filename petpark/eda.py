@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['status_table', 'test_share', 'fig_balance', 'fig_hist', 'dup_table', 'quarantine_table', 'sample_grid', 'eda_metrics']
 
-# %% ../nbs/02_eda.ipynb #1fbafa04
+# %% ../nbs/02_eda.ipynb #37859bfc
 import json
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -13,55 +13,50 @@ import plotly.express as px, plotly.io as pio
 from PIL import Image
 from .core import *
 
-# %% ../nbs/02_eda.ipynb #3c042cc7
+# %% ../nbs/02_eda.ipynb #18db0b61
 def status_table(man:pd.DataFrame)->pd.DataFrame:
     "Files per label (rows) and status (columns), with totals"
     t = pd.crosstab(man.label.fillna('(none)'), man.status, margins=True, margins_name='total')
     return t.reindex(columns=[c for c in ['train', 'test', 'duplicate', 'quarantine', 'total'] if c in t.columns])
 
-# %% ../nbs/02_eda.ipynb #bb939403
+# %% ../nbs/02_eda.ipynb #131a621c
 def test_share(man:pd.DataFrame)->pd.Series:
     "Share of each label's kept photos in the test split"
     k = man[man.status.isin(['train', 'test'])]
     return (k.status == 'test').groupby(k.label).mean().round(4)
 
-# %% ../nbs/02_eda.ipynb #537989fd
+# %% ../nbs/02_eda.ipynb #a9df46f0
 def fig_balance(man:pd.DataFrame):
     "Bar chart of files per label, stacked by status"
     c = man.assign(label=man.label.fillna('(none)')).groupby(['label', 'status']).size().reset_index(name='files')
     return px.bar(c, x='label', y='files', color='status', title='Files per label and status', text_auto=True)
 
-# %% ../nbs/02_eda.ipynb #0023356e
+# %% ../nbs/02_eda.ipynb #ad34456c
 def fig_hist(kept:pd.DataFrame, col:str, title:str=None, nbins:int=50):
     "Overlaid histograms of `col` per label for kept photos"
     return px.histogram(kept, x=col, color='label', barmode='overlay', nbins=nbins, opacity=0.6,
                         title=title or f'{col} per class', histnorm='percent')
 
-# %% ../nbs/02_eda.ipynb #875a523d
+# %% ../nbs/02_eda.ipynb #a5757787
 def dup_table(man:pd.DataFrame)->pd.DataFrame:
     "Exact duplicates (set aside) and near-duplicate groups (kept together in one split, or quarantined)"
     exact = man[man.status == 'duplicate'][['path', 'label', 'dup_of']].assign(kind='exact duplicate', group=man.dup_of)
     near = man[man.near_dup_group.notna()].assign(kind='near duplicate', group=lambda d: d.near_dup_group.str[:12])
     return pd.concat([exact, near])[['kind', 'group', 'path', 'label', 'status', 'split']].sort_values(['kind', 'group'])
 
-# %% ../nbs/02_eda.ipynb #50ff6ad0
+# %% ../nbs/02_eda.ipynb #31e5039c
 def quarantine_table(man:pd.DataFrame)->pd.DataFrame:
     "Quarantined files with their reason, size and format"
     q = man[man.status == 'quarantine']
     return q[['path', 'label', 'reason', 'bytes', 'format', 'mode', 'width', 'height']].sort_values(['reason', 'path'])
 
-# %% ../nbs/02_eda.ipynb #50e48328
+# %% ../nbs/02_eda.ipynb #926533d7
 def sample_grid(man:pd.DataFrame, data_dir:Path, label:str, n:int=16, seed:int=42, size:int=96, cols:int=8)->Image.Image:
     "A grid of `n` kept photos of `label`, drawn with `seed`"
     k = man[man.status.isin(['train', 'test']) & (man.label == label)]
-    paths = k.sample(min(n, len(k)), random_state=seed).path
-    rows = max(1, -(-len(paths) // cols))
-    grid = Image.new('RGB', (cols*size, rows*size), 'white')
-    for i, p in enumerate(paths):
-        grid.paste(open_rgb(Path(data_dir)/p).resize((size, size)), ((i % cols)*size, (i//cols)*size))
-    return grid
+    return photo_grid(list(k.sample(min(n, len(k)), random_state=seed).path), data_dir, size, cols)
 
-# %% ../nbs/02_eda.ipynb #fa352285
+# %% ../nbs/02_eda.ipynb #f305ffaa
 def eda_metrics(man:pd.DataFrame)->dict:
     "Headline counts and per-class statistics for DVC"
     k = man[man.status.isin(['train', 'test'])]

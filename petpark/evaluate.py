@@ -6,16 +6,16 @@
 __all__ = ['choose_threshold', 'quality', 'ece', 'bias', 'gate', 'check_gate', 'curves', 'error_gallery', 'load_model', 'judge',
            'write_results', 'evaluate_folder']
 
-# %% ../nbs/04_evaluate.ipynb #4753b010
+# %% ../nbs/04_evaluate.ipynb #fb407e18
 import json, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd
 import plotly.express as px, plotly.io as pio
-from PIL import Image, ImageDraw
+from PIL import Image
 from sklearn.metrics import precision_recall_fscore_support, roc_curve, precision_recall_curve, roc_auc_score, average_precision_score
 from .core import *
 
-# %% ../nbs/04_evaluate.ipynb #9bd8d8c8
+# %% ../nbs/04_evaluate.ipynb #d8af14d6
 def choose_threshold(y:np.ndarray, p:np.ndarray)->float:
     "Threshold on positive-class probability `p` with the best balanced accuracy for labels `y` (1 = positive), nearest 0.5 within one photo"
     cands = np.unique(np.concatenate([[0.5], p]))
@@ -23,7 +23,7 @@ def choose_threshold(y:np.ndarray, p:np.ndarray)->float:
     best = np.flatnonzero(bal >= bal.max() - 1 / len(y) - 1e-12)  # a gain of one photo or less is noise
     return float(cands[best[np.argmin(abs(cands[best] - 0.5))]])
 
-# %% ../nbs/04_evaluate.ipynb #ed19e95a
+# %% ../nbs/04_evaluate.ipynb #05b011fd
 def quality(y:np.ndarray, p:np.ndarray, t:float, classes:list)->dict:
     "Accuracy, per-class precision/recall/F1, confusion matrix, ROC AUC, average precision, calibration error"
     pred = (p >= t).astype(int)
@@ -44,7 +44,7 @@ def ece(y, p, bins:int=10)->float:
     idx = np.minimum((conf - 0.5) * 2 * bins, bins - 1).astype(int)
     return float(sum(abs(conf[idx == b].mean() - correct[idx == b].mean()) * (idx == b).mean() for b in range(bins) if (idx == b).any()))
 
-# %% ../nbs/04_evaluate.ipynb #360832ec
+# %% ../nbs/04_evaluate.ipynb #a40b12ad
 def bias(y:np.ndarray, p:np.ndarray, t:float, classes:list)->dict:
     "Per-class recall gap and predicted vs true share of the positive class, with a sentence for people"
     pred = (p >= t).astype(int)
@@ -57,7 +57,7 @@ def bias(y:np.ndarray, p:np.ndarray, t:float, classes:list)->dict:
     return dict(recall=rec, recall_gap=round(abs(rec[classes[0]] - rec[classes[1]]), 6), true_share=round(true_share, 6),
                 predicted_share=round(pred_share, 6), share_gap=round(share_gap, 6), statement=words)
 
-# %% ../nbs/04_evaluate.ipynb #ba3e7667
+# %% ../nbs/04_evaluate.ipynb #a8ced59e
 def gate(q:dict, b:dict, min_accuracy=0.99, min_class_recall=0.98, max_recall_gap=0.02, max_share_gap=0.05, **kwargs)->dict:
     "Pass/fail with reasons: quality at least, and bias at most, the limits from `params.yaml`"
     reasons = []
@@ -76,7 +76,7 @@ def check_gate(metrics_path='metrics/evaluate.json'):
     if not g['passed']: raise PetparkError('the model failed its evaluate gate (' + '; '.join(g['reasons']) + '): refusing it')
     return g
 
-# %% ../nbs/04_evaluate.ipynb #4e4a1975
+# %% ../nbs/04_evaluate.ipynb #43ec5c26
 def curves(y:np.ndarray, p:np.ndarray, t:float, classes:list, bins:int=10)->dict:
     "ROC, precision-recall, calibration and confusion tables, ready for DVC plots"
     fpr, tpr, th = roc_curve(y, p)
@@ -87,19 +87,15 @@ def curves(y:np.ndarray, p:np.ndarray, t:float, classes:list, bins:int=10)->dict
     return dict(roc=pd.DataFrame(dict(fpr=fpr, tpr=tpr, threshold=np.minimum(th, 1))), pr=pd.DataFrame(dict(recall=rec, precision=prec)),
                 calibration=cal, confusion=conf)
 
-# %% ../nbs/04_evaluate.ipynb #5ae357da
+# %% ../nbs/04_evaluate.ipynb #e671cbd3
 def error_gallery(preds:pd.DataFrame, root:Path, positive:str, t:float, n:int=12, size:int=128, cols:int=6)->Image.Image:
     "The `n` most confident mistakes, each captioned with its true label and the model's probability of `positive`"
     p = preds[f'p_{positive}']; wrong = preds[(p >= t) != (preds.label == positive)]
     wrong = wrong.assign(conf=(wrong[f'p_{positive}'] - t).abs()).sort_values('conf', ascending=False).head(n)
-    grid = Image.new('RGB', (cols*size, max(1, -(-len(wrong)//cols))*(size + 16)), 'white')
-    for i, (path, label, pp) in enumerate(zip(wrong.path, wrong.label, wrong[f'p_{positive}'])):
-        x, y0 = (i % cols)*size, (i//cols)*(size + 16)
-        grid.paste(open_rgb(Path(root)/path).resize((size, size)), (x, y0))
-        ImageDraw.Draw(grid).text((x + 2, y0 + size + 2), f'{label}: p({positive})={pp:.2f}', fill='black')
-    return grid
+    return photo_grid(list(wrong.path), root, size, cols,
+                      [f'{l}: p({positive})={pp:.2f}' for l, pp in zip(wrong.label, wrong[f'p_{positive}'])])
 
-# %% ../nbs/04_evaluate.ipynb #f246730d
+# %% ../nbs/04_evaluate.ipynb #b639345d
 def load_model(model_dir='models'):
     "The exported fastai learner in `model_dir` (a file this project wrote: never load one from elsewhere)"
     from fastai.learner import load_learner
@@ -126,7 +122,7 @@ def write_results(out_dir:Path, res:dict, cur:dict, preds:pd.DataFrame, metrics_
     mp = Path(metrics_path or out_dir/'metrics.json'); mp.parent.mkdir(parents=True, exist_ok=True)
     mp.write_text(json.dumps(res, indent=2))
 
-# %% ../nbs/04_evaluate.ipynb #fca07f85
+# %% ../nbs/04_evaluate.ipynb #3f2ccb15
 def evaluate_folder(images:Path, model_dir='models', valid_preds='artifacts/train/valid_preds.csv', out_dir=None, **limits)->dict:
     "Score a labelled folder (`Cat/`, `Dog/`, validated like the lake) with the trained model; writes the same report"
     from petpark.ingest import ingest_lake

@@ -8,7 +8,7 @@ __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'MANIFEST_COLS', 'is_litter', 'w
            'read_ledger', 'assign_splits', 'write_ledger', 'write_manifest', 'ingest_metrics', 'ingest_lake',
            'synth_lake', 'bench_ingest', 'bench_table']
 
-# %% ../nbs/01_ingest.ipynb #d933b6de
+# %% ../nbs/01_ingest.ipynb #aeeb1b14
 import csv, io, json, os, sqlite3, subprocess, sys, tempfile, time, warnings
 from contextlib import closing, nullcontext
 from multiprocessing import Pool
@@ -20,7 +20,7 @@ from fastcore.basics import chunked
 from tqdm.auto import tqdm
 from .core import *
 
-# %% ../nbs/01_ingest.ipynb #2b8ae525
+# %% ../nbs/01_ingest.ipynb #bdba42e7
 LITTER = {'.ds_store', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '.directory'}
 
 def is_litter(name:str)->bool:
@@ -28,7 +28,7 @@ def is_litter(name:str)->bool:
     n = name.lower()
     return n in LITTER or n.startswith('._') or n.startswith('~$')
 
-# %% ../nbs/01_ingest.ipynb #6f79564c
+# %% ../nbs/01_ingest.ipynb #0864a9e6
 def walk_lake(root:Path, classes:list):
     "Yield `(relpath, label)` for every file under `root` in a stable order; `label` is None outside a class folder"
     root = Path(root)
@@ -38,7 +38,7 @@ def walk_lake(root:Path, classes:list):
         label = rel.parts[0] if rel.parts and rel.parts[0] in classes else None
         for f in sorted(files): yield (rel/f).as_posix(), label
 
-# %% ../nbs/01_ingest.ipynb #b6150162
+# %% ../nbs/01_ingest.ipynb #71b978e3
 MASK64 = (1 << 64) - 1
 
 def phash(im:Image.Image)->int:
@@ -51,7 +51,7 @@ def hamming(a:int, b:int)->int:
     "Number of differing bits between two 64-bit hashes (signed or not)"
     return ((a ^ b) & MASK64).bit_count()
 
-# %% ../nbs/01_ingest.ipynb #9af2f1f1
+# %% ../nbs/01_ingest.ipynb #4fb32dae
 def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
     "Facts about one file's bytes, with the `problem` that makes it unusable for training, if any"
     r = dict(format=None, mode=None, width=None, height=None, problem=None, phash=None, brightness=None, contrast=None)
@@ -69,7 +69,7 @@ def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
     g = np.asarray(to_rgb(im).convert('L'), dtype=np.float32)
     return {**r, 'phash': phash(im), 'brightness': round(float(g.mean()), 2), 'contrast': round(float(g.std()), 2)}
 
-# %% ../nbs/01_ingest.ipynb #240a7c3f
+# %% ../nbs/01_ingest.ipynb #2a430187
 CACHE_VERSION = 1  # bump when `analyse` changes what it records
 
 class FactCache:
@@ -86,7 +86,7 @@ class FactCache:
         with self.con: self.con.executemany('INSERT OR REPLACE INTO facts VALUES (?,?,?)',
                                             [(s, m, json.dumps(f)) for s, m, f in rows])
 
-# %% ../nbs/01_ingest.ipynb #fc2cd661
+# %% ../nbs/01_ingest.ipynb #84436512
 _worker = {}
 
 def _init_worker(cache_file, max_pixels):
@@ -102,7 +102,7 @@ def _scan_one(job)->dict:
     if facts is not None: return {**row, **facts, 'cached': True}
     return {**row, **analyse(b, _worker['max_pixels'])}
 
-# %% ../nbs/01_ingest.ipynb #25cfa4b8
+# %% ../nbs/01_ingest.ipynb #9322f68f
 def scan(root:Path, classes:list, cache_file:Path, max_pixels:int=40_000_000, workers:int=2):
     "Yield one row per file under `root`, decoding in `workers` processes and caching facts by content hash"
     n = sum(len(f) for _, _, f in os.walk(root))
@@ -115,7 +115,7 @@ def scan(root:Path, classes:list, cache_file:Path, max_pixels:int=40_000_000, wo
             for row in pool.imap(_scan_one, batch, chunksize=64) if pool else map(_scan_one, batch):
                 bar.update(); yield row
 
-# %% ../nbs/01_ingest.ipynb #5ad02172
+# %% ../nbs/01_ingest.ipynb #5a5cb44a
 _COLS = ['path', 'label', 'sha256', 'bytes', 'format', 'mode', 'width', 'height', 'problem', 'phash',
          'brightness', 'contrast', 'cached']
 _SCHEMA = '''CREATE TABLE files(path TEXT PRIMARY KEY, label TEXT, sha256 TEXT, bytes INT, format TEXT, mode TEXT,
@@ -137,7 +137,7 @@ def load_rows(con, rows, batch=2000):
     flush(buf); con.commit()
     return n
 
-# %% ../nbs/01_ingest.ipynb #f9ac9716
+# %% ../nbs/01_ingest.ipynb #ecb6f222
 def classify(con, formats:list, min_side:int):
     "Set `status`/`reason` for unusable files, label conflicts and exact duplicates"
     q = "UPDATE files SET status='quarantine', reason=? WHERE status IS NULL AND "
@@ -153,7 +153,7 @@ def classify(con, formats:list, min_side:int):
                                                    WHERE f.sha256=files.sha256 AND f.status IS NULL)''')
     con.commit()
 
-# %% ../nbs/01_ingest.ipynb #d1b87ede
+# %% ../nbs/01_ingest.ipynb #c341accf
 def _band_masks(bits:int)->list:
     "(shift, mask) of each of the `bits+1` bands that cover a 64-bit hash"
     edges = [round(64 * i / (bits + 1)) for i in range(bits + 2)]
@@ -188,12 +188,12 @@ def quarantine_group_conflicts(con):
                    (SELECT grp FROM files WHERE status IS NULL AND grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT label)>1)''')
     con.commit()
 
-# %% ../nbs/01_ingest.ipynb #2b315b66
+# %% ../nbs/01_ingest.ipynb #4319f9fc
 def hash_score(sha:str, salt:str='v1')->float:
     "A number in [0, 1) drawn from content hash `sha`: the same on every run and machine"
     return int(sha256_bytes(f'{salt}:{sha}'.encode())[:12], 16) / 16**12
 
-# %% ../nbs/01_ingest.ipynb #640e089a
+# %% ../nbs/01_ingest.ipynb #a0b4d73b
 def _ledger_head(test_frac, salt): return f'# split_salt={salt} test_frac={test_frac}'
 
 def read_ledger(con, path:Path, test_frac:float, salt:str)->int:
@@ -239,7 +239,7 @@ def write_ledger(con, path:Path, test_frac:float, salt:str):
         f.write(_ledger_head(test_frac, salt) + '\nsha256,split\n')
         csv.writer(f).writerows(con.execute('SELECT sha256, split FROM ledger ORDER BY sha256'))
 
-# %% ../nbs/01_ingest.ipynb #b2990770
+# %% ../nbs/01_ingest.ipynb #fa97fa32
 MANIFEST_COLS = ['path', 'label', 'status', 'reason', 'split', 'sha256', 'dup_of', 'near_dup_group', 'bytes',
                  'format', 'mode', 'converted', 'width', 'height', 'brightness', 'contrast', 'phash']
 
@@ -252,7 +252,7 @@ def write_manifest(con, path:Path):
     with open(path, 'w', newline='') as f:
         w = csv.writer(f); w.writerow(MANIFEST_COLS); w.writerows(con.execute(q))
 
-# %% ../nbs/01_ingest.ipynb #051afb06
+# %% ../nbs/01_ingest.ipynb #1331c2bb
 def ingest_metrics(con)->dict:
     "Counts per status, reason, label and split, for DVC and the closing note"
     one = lambda q: con.execute(q).fetchone()[0]
@@ -267,7 +267,7 @@ def ingest_metrics(con)->dict:
                 groups_across_splits=one('SELECT COUNT(*) FROM (SELECT grp FROM files WHERE grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT split)>1)'),
                 cached=one('SELECT COUNT(*) FROM files WHERE cached'))
 
-# %% ../nbs/01_ingest.ipynb #10cee557
+# %% ../nbs/01_ingest.ipynb #90e150d6
 def ingest_lake(data_dir:Path, out_dir:Path, classes:list=('Cat', 'Dog'), test_frac:float=0.2, split_salt:str='v1',
                 formats:list=('JPEG', 'PNG', 'WEBP', 'BMP'), min_side:int=32, max_pixels:int=40_000_000,
                 near_dup_bits:int=3, workers:int=2, cache_dir:Path=None)->dict:
@@ -300,15 +300,16 @@ def _cache_new(con, cache_dir, max_pixels):
     FactCache(cache_dir/f'facts-v{CACHE_VERSION}.sqlite').put_many(
         (r[0], max_pixels, {**dict(zip(cols, r[1:])), 'phash': None if r[6] is None else r[6] & MASK64}) for r in rows)
 
-# %% ../nbs/01_ingest.ipynb #f3036f0c
+# %% ../nbs/01_ingest.ipynb #39846596
 def synth_lake(src:Path, dst:Path, n:int, classes=('Cat', 'Dog'), seed:int=0, pool:int=400)->Path:
     "Write `n` distinct photos to `dst/<class>/`: JPEG mosaics of four thumbnails of one class from `src`"
     rng, dst, thumbs = np.random.default_rng(seed), Path(dst), {}
     for l in classes:
         (dst/l).mkdir(parents=True, exist_ok=True)
-        for p, _ in walk_lake(Path(src), [l]):
-            if len(thumbs.setdefault(l, [])) >= pool or not p.startswith(f'{l}/'): continue
-            try: thumbs[l].append(open_rgb(Path(src)/p).resize((90, 90)))
+        thumbs[l] = []
+        for p, _ in walk_lake(Path(src)/l, []):
+            if len(thumbs[l]) >= pool: break
+            try: thumbs[l].append(open_rgb(Path(src)/l/p).resize((90, 90)))
             except Exception: pass  # a broken lake file: skip it
         if not thumbs[l]: raise PetparkError(f'no usable {l} photos in {src} to synthesise from')
     for i in tqdm(range(n), desc='synthesise', unit='img', mininterval=2):
@@ -317,7 +318,7 @@ def synth_lake(src:Path, dst:Path, n:int, classes=('Cat', 'Dog'), seed:int=0, po
         im.save(dst/l/f's{i:06d}.jpg', quality=int(rng.integers(75, 95)))
     return dst
 
-# %% ../nbs/01_ingest.ipynb #4e81be42
+# %% ../nbs/01_ingest.ipynb #c0cba7b5
 _BENCH_RUN = """
 import json, resource, sys, tempfile
 from petpark.ingest import ingest_lake
@@ -335,7 +336,7 @@ def _bench_run(lake, workers, params, cache=None)->dict:
     out = subprocess.run([sys.executable, '-c', _BENCH_RUN, arg], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
-# %% ../nbs/01_ingest.ipynb #330e3dfe
+# %% ../nbs/01_ingest.ipynb #a5a4c55c
 def bench_ingest(lake:Path, out:Path, big:int=100_000, work_dir:Path=None, params:dict=None)->dict:
     "Ingest images/s and peak memory at the lake's size and at `big` synthetic photos; writes `out` (.json and .md)"
     params = {k: v for k, v in (params or {}).items() if k != 'workers'}
