@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'get_settings', 'lake_path', 'load_params', 'get_logger', 'sha256_bytes',
-           'to_rgb', 'open_rgb', 'photo_grid']
+           'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, hashlib, io, logging, os, sys
 from pathlib import Path
-import yaml
+import numpy as np, yaml
 from PIL import Image, ImageDraw
 
 # %% ../nbs/00_core.ipynb #e2f5d726
@@ -87,6 +87,14 @@ def open_rgb(src)->Image.Image:
     im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
     im.load()
     return to_rgb(im)
+
+# %% ../nbs/00_core.ipynb #c57bdf84
+def model_input(im:Image.Image, size:int)->np.ndarray:
+    "`im` as the exported model takes it: RGB, centre-cropped square, resized to `size` (bilinear), HxWx3 uint8"
+    im, (w, h) = to_rgb(im), im.size
+    s = min(w, h)
+    im = im.crop(((w - s)//2, (h - s)//2, (w - s)//2 + s, (h - s)//2 + s))
+    return np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 # %% ../nbs/00_core.ipynb #ca62e5b3
 def photo_grid(paths:list, root:Path, size:int=96, cols:int=8, captions:list=None)->Image.Image:

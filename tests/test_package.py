@@ -1,0 +1,123 @@
+"Explain and package a tiny real model: ONNX parity, int8, model card with the real figures, registry round trip, refusals"
+import json, subprocess
+import numpy as np, pandas as pd, pytest
+from petpark.core import PetparkError, load_params
+from petpark.ingest import ingest_lake
+from petpark.train import lesson_model
+from petpark.evaluate import evaluate_folder
+from petpark.package import package_stage, onnx_session, onnx_predict, load_inputs
+from petpark.registry import Registry
+from conftest import ROOT, TEST_LAKE, make_lake
+
+LENIENT = dict(min_accuracy=0.0, min_class_recall=0.0, max_recall_gap=1.0, max_share_gap=10.0)
+SMALL = dict(opset=18, parity_images=24, parity_atol=1e-4, calib_images=16, serve='int8', max_int8_drop=0.5)
+
+
+@pytest.fixture(scope='module')
+def pk(tmp_path_factory):
+    "A tiny model, a small ingested lake, evaluate's verdict under lenient limits, and the package stage run on them"
+    d = tmp_path_factory.mktemp('pk')
+    mp = pytest.MonkeyPatch(); mp.setenv('WANDB_MODE', 'disabled'); mp.setenv('PETPARK_REGISTRY_DIR', str(d/'registry'))
+    lesson_model(d)
+    lake = make_lake(d/'lake', 20)
+    ingest_lake(lake, d/'ingest', cache_dir=d/'cache')
+    ev = evaluate_folder(TEST_LAKE, d/'models', d/'valid_preds.csv', d/'eval', positive='Dog', **LENIENT)
+    assert ev['gate']['passed']
+    params = dict(base=dict(seed=42), evaluate=dict(positive='Dog', **LENIENT), package=SMALL)
+    res = package_stage(d/'models', pd.read_csv(d/'ingest/manifest.csv'), lake, d/'package', d/'eval/metrics.json',
+                        d/'no_explain.json', params)
+    yield d, lake, ev, res
+    mp.undo()
+
+
+def test_onnx_matches_pytorch_and_int8_is_measured(pk):
+    d, lake, ev, res = pk
+    assert res['parity']['passed'] and res['parity']['max_abs_prob_diff'] <= 1e-4 and res['parity']['label_agreement'] == 1
+    drop = res['accuracy']['fp32'] - res['accuracy']['int8']
+    assert res['int8_drop'] == pytest.approx(drop, abs=1e-6)
+    assert res['served'] == ('fp32' if drop > SMALL['max_int8_drop'] else 'int8'), 'the served variant follows params and the drop'
+    man = pd.read_csv(d/'ingest/manifest.csv'); paths = [lake/p for p in man[man.status == 'test'].path]
+    p32, e32 = onnx_predict(onnx_session(d/'package/model.onnx'), paths, 64, bs=5)   # dynamic batch: 5s and a remainder
+    p8, _ = onnx_predict(onnx_session(d/'package/model.int8.onnx'), paths, 64)
+    assert p32.shape == (len(paths), 2) and e32.shape == (len(paths), 512) and np.allclose(p32.sum(1), 1, atol=1e-5)
+    assert np.allclose(p8.sum(1), 1, atol=1e-4), 'softmax stays float in the int8 model'
+    assert (p32.argmax(1) == p8.argmax(1)).mean() >= 0.6, 'int8 keeps most of the (tiny) model\'s answers'
+
+
+def test_model_card_carries_the_real_figures(pk):
+    d, lake, ev, res = pk
+    card = (d/'package/model_card.md').read_text()
+    assert card.startswith('---') and 'model-index' in card and 'library_name: onnx' in card
+    assert f"Accuracy **{ev['accuracy']:.2%}**" in card
+    for c, v in ev['per_class'].items(): assert f"| {c} | {v['precision']:.2%} | {v['recall']:.2%} |" in card
+    assert ev['bias']['statement'] in card and f"{res['parity']['max_abs_prob_diff']:.2e}" in card
+    for k in ['Intended use', 'Out-of-scope uses', 'Training data', 'Limitations', 'Ethical considerations', 'Lineage']:
+        assert f'## {k}' in card
+    assert res['files']['model.onnx'] in card, 'lineage names the file hashes'
+
+
+def test_packaged_model_is_registered_and_verified(pk):
+    d, lake, ev, res = pk
+    reg = Registry(d/'registry', 'petpark-classifier')
+    v = reg.resolve(res['registered']['version'])
+    assert v['hash'] == res['files']['model.onnx'] and v['gate']['passed']
+    got = reg.fetch(v['hash'][:10], d/'fetched')
+    assert set(got['files']) == {'model.onnx', 'model.int8.onnx', 'serving.json', 'model_card.md'}
+    serving = json.loads((d/'fetched/serving.json').read_text())
+    assert serving['classes'] == ['Cat', 'Dog'] and serving['threshold'] == ev['threshold'] and serving['served'] in ('int8', 'fp32')
+
+
+def test_failed_gate_is_refused(pk, tmp_path):
+    d, lake, ev, res = pk
+    strict = evaluate_folder(TEST_LAKE, d/'models', d/'valid_preds.csv', tmp_path/'eval', **load_params()['evaluate'])
+    assert not strict['gate']['passed']
+    params = dict(base=dict(seed=42), evaluate=load_params()['evaluate'], package=SMALL)
+    with pytest.raises(PetparkError, match='failed its evaluate gate'):
+        package_stage(d/'models', pd.read_csv(d/'ingest/manifest.csv'), lake, tmp_path/'package', tmp_path/'eval/metrics.json',
+                      tmp_path/'none.json', params)
+    assert not (tmp_path/'package/model.onnx').exists(), 'nothing is exported for a refused model'
+
+
+def petpark(args, env):
+    return subprocess.run(['petpark', *args], cwd=ROOT, env=env, capture_output=True, text=True)
+
+
+def test_registry_cli_round_trip(tmp_path, env):
+    env['PETPARK_REGISTRY_DIR'] = str(tmp_path/'reg'); env['PETPARK_USER'] = 'qa-anna'
+    reg = Registry(tmp_path/'reg', 'petpark-classifier')
+    for i, passed in enumerate([True, True, False]):
+        (tmp_path/f'm{i}.onnx').write_bytes(f'model {i}'.encode())
+        reg.register([tmp_path/f'm{i}.onnx'], dict(gate=dict(passed=passed, reasons=[] if passed else ['accuracy 0.9 < 0.99'])))
+    ok = lambda *a: petpark(a, env)
+    assert ok('registry', 'promote', 'v1', 'staging').returncode == 0
+    r = ok('registry', 'promote', 'v1', 'prod')
+    assert r.returncode == 2 and 'no QA approval' in r.stderr and 'Traceback' not in r.stderr
+    assert ok('registry', 'approve', 'v1').returncode == 2, 'an approval needs a note'
+    assert ok('registry', 'approve', 'v1', '--note', 'smoke and accuracy ok').returncode == 0
+    assert ok('registry', 'promote', 'v1', 'prod').returncode == 0
+    for a in [('promote', 'v2', 'staging'), ('approve', 'v2', '--note', 'ok'), ('promote', 'v2', 'prod')]:
+        assert ok('registry', *a).returncode == 0, a
+    r = ok('registry', 'promote', 'v3', 'staging')
+    assert r.returncode == 2 and 'failed its evaluate gate' in r.stderr
+    assert 'prod is back on v1' in ok('registry', 'rollback', 'prod', '--note', 'v2 misreads night photos').stdout
+    assert 'v1: m0.onnx ok' in ok('registry', 'fetch', 'prod', '--dest', str(tmp_path/'out')).stdout
+    assert (tmp_path/'out/m0.onnx').read_bytes() == b'model 0'
+    listing = ok('registry', 'list').stdout
+    assert 'v1' in listing and 'prod' in listing and 'staging' in listing
+    audit = reg.audit_log()
+    acts = [(a['action'], a.get('version') or a.get('to_version')) for a in audit]
+    assert ('approve', 'v1') in acts and ('rollback', 'v1') in acts and ('promote-refused', 'v3') in acts
+    assert all(a['user'] == 'qa-anna' for a in audit if a['action'] != 'register')
+    (reg.dir/'v1/m0.onnx').write_bytes(b'tampered')
+    r = ok('registry', 'fetch', 'prod')
+    assert r.returncode == 2 and 'missing or altered' in r.stderr
+
+
+def test_explain_one_photo_from_the_command_line(pk, env, tmp_path):
+    d = pk[0]
+    r = petpark(['explain', str(TEST_LAKE/'Dog/1.jpg'), '--model-dir', str(d/'models'), '--max-evals', '60',
+                 '--out', str(tmp_path/'dog.png')], env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] in ('Cat', 'Dog') and (tmp_path/'dog.png').stat().st_size > 1000
+    r = petpark(['explain', str(TEST_LAKE/'Cat/notes.jpg'), '--model-dir', str(d/'models')], env)
+    assert r.returncode == 2 and 'not a readable image' in r.stderr and 'Traceback' not in r.stderr
