@@ -1,0 +1,190 @@
+"A real server on a free loopback port: predictions, hostile inputs, feedback, hot model switch under load, kill -9 durability, docs in a browser"
+import json, os, signal, socket, sqlite3, subprocess, sys, threading, time
+from pathlib import Path
+import httpx, pytest
+from petpark.registry import Registry
+from conftest import ROOT, TEST_LAKE
+
+LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
+
+
+def free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def package_version(d:Path, name:str, tta:bool):
+    "A tiny real model exported to ONNX with its serving description, as the package stage lays it out"
+    from petpark.train import lesson_model
+    from petpark.package import load_torch_model, served_model, export_onnx
+    if not (d/'models/model.pth').exists(): lesson_model(d)
+    m, meta = load_torch_model(d/'models')
+    out = d/name; out.mkdir()
+    export_onnx(served_model(m, meta['mean'], meta['std'], tta), out/'model.onnx', meta['img_size'])
+    (out/'serving.json').write_text(json.dumps(dict(classes=meta['classes'], positive='Dog', threshold=0.5, img_size=meta['img_size'],
+                                                    served='fp32', files={'fp32': 'model.onnx'}, gate={'passed': True, 'reasons': []})))
+    return [out/'model.onnx', out/'serving.json']
+
+
+@pytest.fixture(scope='module')
+def reg(tmp_path_factory):
+    d = tmp_path_factory.mktemp('serve')
+    os.environ['WANDB_MODE'] = 'disabled'
+    r = Registry(d/'registry', 'petpark-classifier')
+    for name, tta in [('a', True), ('b', False)]:
+        r.register(package_version(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
+    r.promote('v1', 'staging')
+    return d, r
+
+
+class Server:
+    "`petpark serve` in a subprocess on a free loopback port"
+    def __init__(self, d:Path, stage='staging', **env):
+        self.port, self.db = free_port(), d/f'log-{time.time_ns()}.sqlite'
+        e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                 PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_SERVE_MAX_BYTES='300000',
+                 PETPARK_ADMIN_TOKEN='s3cret', **env)
+        self.proc = subprocess.Popen(['petpark', 'serve', '--stage', stage, '--port', str(self.port), '--db-url', f'sqlite:///{self.db}'],
+                                     cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.url = f'http://127.0.0.1:{self.port}'
+        for _ in range(300):
+            try:
+                if httpx.get(self.url + '/ready', timeout=1).status_code == 200: return
+            except httpx.HTTPError: pass
+            if self.proc.poll() is not None: raise RuntimeError(self.proc.stdout.read())
+            time.sleep(0.2)
+        raise RuntimeError('server did not become ready')
+
+    def stop(self):
+        self.proc.terminate()
+        try: self.proc.wait(10)
+        except subprocess.TimeoutExpired: self.proc.kill()
+
+
+@pytest.fixture(scope='module')
+def srv(reg):
+    s = Server(reg[0]); yield s; s.stop()
+
+
+def predict(url, *paths, client=httpx):
+    return client.post(url + '/predict', files=[('files', (p.name, p.read_bytes(), 'image/jpeg')) for p in paths], timeout=30)
+
+
+def test_predictions_and_service_endpoints(srv):
+    r = predict(srv.url, TEST_LAKE/'Cat/1.jpg', TEST_LAKE/'Dog/1.jpg')
+    assert r.status_code == 200
+    j = r.json()
+    assert j['model_version'] == 'v1' and len(j['request_id']) == 32 and j['latency_ms'] > 0
+    assert [p['file'] for p in j['predictions']] == ['1.jpg', '1.jpg']
+    for p in j['predictions']: assert p['label'] in ('Cat', 'Dog') and abs(sum(p['probs'].values()) - 1) < 1e-4
+    raw = httpx.post(srv.url + '/predict', content=(TEST_LAKE/'Dog/2.jpg').read_bytes(), headers={'content-type': 'image/jpeg'})
+    assert raw.status_code == 200 and raw.json()['predictions'][0]['file'] == 'body'
+    assert httpx.get(srv.url + '/health').json() == {'status': 'ok'}
+    v = httpx.get(srv.url + '/version').json()
+    assert v['stage'] == 'staging' and v['model']['version'] == 'v1' and v['model']['variant'] == 'fp32'
+    assert httpx.get(srv.url + '/openapi.json').json()['paths'].keys() >= {'/predict', '/feedback', '/health', '/ready', '/version', '/metrics'}
+    met = httpx.get(srv.url + '/metrics').text
+    assert 'petpark_requests_total{endpoint="predict",status="200"}' in met and 'petpark_model_info{' in met
+    assert httpx.post(srv.url + '/admin/reload').status_code == 403
+    assert httpx.post(srv.url + '/admin/reload', headers={'x-admin-token': 's3cret'}).json()['model_version'] == 'v1'
+
+
+HOSTILE = [  # (what, request kwargs, status, error code)
+    ('not an image', dict(files=[('files', ('notes.jpg', (TEST_LAKE/'Cat/notes.jpg').read_bytes(), 'image/jpeg'))]), 422, 'not_image'),
+    ('truncated JPEG', dict(files=[('files', ('11702.jpg', (TEST_LAKE/'Dog/11702.jpg').read_bytes(), 'image/jpeg'))]), 422, 'truncated'),
+    ('empty file', dict(files=[('files', ('666.jpg', b'', 'image/jpeg'))]), 422, 'empty'),
+    ('12x12 photo', dict(files=[('files', ('tiny_1.jpg', (TEST_LAKE/'Dog/tiny_1.jpg').read_bytes(), 'image/jpeg'))]), 422, 'too_small'),
+    ('animated GIF', dict(files=[('files', ('anim.gif', (TEST_LAKE/'Cat/anim.gif').read_bytes(), 'image/gif'))]), 422, 'unsupported_format'),
+    ('10^10-pixel PNG bomb', dict(files=[('files', ('bomb.png', (TEST_LAKE/'Cat/bomb.png').read_bytes(), 'image/png'))]), 413, 'decompression_bomb'),
+    ('file over the byte limit', dict(files=[('files', ('big.jpg', b'\xff\xd8' + os.urandom(400_000), 'image/jpeg'))]), 413, 'too_large'),
+    ('raw body over the byte limit', dict(content=b'\xff\xd8' + os.urandom(400_000), headers={'content-type': 'image/jpeg'}), 413, 'too_large'),
+    ('17 files', dict(files=[('files', (f'{i}.jpg', (TEST_LAKE/'Cat/1.jpg').read_bytes(), 'image/jpeg')) for i in range(17)]), 413, 'too_many_files'),
+    ('text body', dict(content=b'hello', headers={'content-type': 'text/plain'}), 415, 'unsupported_media_type'),
+    ('no content type', dict(content=b'hello'), 415, 'unsupported_media_type'),
+    ('form without files', dict(data={'x': '1'}, files=[('other', ('', b'', 'text/plain'))]), 422, 'no_files'),
+    ('one bad photo among good ones', dict(files=[('files', ('1.jpg', (TEST_LAKE/'Cat/1.jpg').read_bytes(), 'image/jpeg')),
+                                                  ('files', ('broken.jpg', (TEST_LAKE/'Cat/broken.jpg').read_bytes(), 'image/jpeg'))]), 422, None),
+]
+
+
+@pytest.mark.parametrize('what,kw,status,code', HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_inputs_get_a_clear_4xx_and_the_server_keeps_serving(srv, what, kw, status, code):
+    before = sqlite3.connect(srv.db).execute('SELECT COUNT(*) FROM predictions').fetchone()[0]
+    r = httpx.post(srv.url + '/predict', timeout=30, **kw)
+    assert r.status_code == status, (what, r.text)
+    j = r.json()
+    assert j['detail'] and (code is None or j['error'] == code), j
+    assert sqlite3.connect(srv.db).execute('SELECT COUNT(*) FROM predictions').fetchone()[0] == before, 'nothing logged for a refused request'
+    assert predict(srv.url, TEST_LAKE/'Cat/2.jpg').status_code == 200
+
+
+def test_feedback_is_recorded_against_the_logged_prediction(srv):
+    rid = predict(srv.url, TEST_LAKE/'Cat/3.jpg', TEST_LAKE/'Dog/3.jpg').json()['request_id']
+    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Dog', 'item': 1}).json() == {'updated': 1}
+    assert httpx.post(srv.url + '/feedback', json={'request_id': 'nope', 'label': 'Dog'}).status_code == 404
+    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Horse'}).status_code == 422
+    assert httpx.post(srv.url + '/feedback', content=b'{', headers={'content-type': 'application/json'}).status_code == 400
+    rows = sqlite3.connect(srv.db).execute('SELECT item, feedback, model_version, length(embedding), input_sha256 FROM predictions WHERE request_id=? ORDER BY item', (rid,)).fetchall()
+    assert rows[0][1] is None and rows[1][1] == 'Dog' and rows[1][2] == 'v1' and rows[1][3] == 512*4 and len(rows[1][4]) == 64
+
+
+def load(url, stop, out, paths=LAKE_PHOTOS):
+    "Send requests until `stop` is set; record (status, model version or error) of each"
+    with httpx.Client(timeout=30) as c:
+        i = 0
+        while not stop.is_set():
+            try:
+                r = predict(url, paths[i % len(paths)], client=c)
+                out.append((r.status_code, r.json().get('model_version'), r.json().get('request_id')))
+            except Exception as e: out.append((0, repr(e), None))
+            i += 1
+
+
+def test_promotion_and_rollback_switch_models_under_load_without_failures(srv, reg):
+    d, r = reg
+    stop, out = threading.Event(), []
+    workers = [threading.Thread(target=load, args=(srv.url, stop, out)) for _ in range(3)]
+    for w in workers: w.start()
+    try:
+        time.sleep(1); r.promote('v2', 'staging', by='test')
+        deadline = time.time() + 30
+        while time.time() < deadline and not any(v == 'v2' for _, v, _ in out[-5:]): time.sleep(0.2)
+        time.sleep(1); r.rollback('staging', by='test')
+        deadline = time.time() + 30
+        while time.time() < deadline and not (out and out[-1][1] == 'v1' and any(v == 'v2' for _, v, _ in out)): time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for w in workers: w.join()
+    seen = [v for _, v, _ in out]
+    assert all(s == 200 for s, _, _ in out), [o for o in out if o[0] != 200][:3]
+    assert 'v2' in seen and seen[-1] == 'v1' and len(out) > 20, (len(out), set(seen))
+    assert httpx.get(srv.url + '/version').json()['model']['version'] == 'v1'
+
+
+def test_every_acknowledged_prediction_survives_kill_9(reg):
+    d, _ = reg
+    s = Server(d)
+    stop, out = threading.Event(), []
+    workers = [threading.Thread(target=load, args=(s.url, stop, out)) for _ in range(3)]
+    for w in workers: w.start()
+    time.sleep(3)
+    s.proc.send_signal(signal.SIGKILL); s.proc.wait()
+    stop.set()
+    for w in workers: w.join()
+    acked = {rid for status, _, rid in out if status == 200}
+    assert len(acked) >= 5
+    logged = {r[0] for r in sqlite3.connect(s.db).execute('SELECT request_id FROM predictions')}
+    assert acked <= logged, f'{len(acked - logged)} acknowledged predictions missing from the log'
+
+
+def test_openapi_page_loads_in_a_headless_browser(srv):
+    if not Path('/usr/bin/chromium').exists(): pytest.skip('no /usr/bin/chromium: apt-get install chromium (.ci/run does)')
+    import playwright.sync_api as pw
+    with pw.sync_playwright() as p:
+        b = p.chromium.launch(executable_path='/usr/bin/chromium',
+                              args=['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'])
+        page = b.new_page()
+        page.goto(srv.url + '/docs')
+        page.wait_for_selector('text=/predict', timeout=30000)
+        assert 'petpark' in page.content() and page.locator('text=/feedback').count() >= 1
+        b.close()
