@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['STAGES', 'Registry']
 
-# %% ../nbs/80_registry.ipynb #8c4b05e5
+# %% ../nbs/80_registry.ipynb #8ff51f32
 import fcntl, getpass, json, os, shutil, tempfile, time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -13,7 +13,7 @@ from pathlib import Path
 from fastcore.basics import patch_to
 from .core import *
 
-# %% ../nbs/80_registry.ipynb #85960cc5
+# %% ../nbs/80_registry.ipynb #c1c121ce
 STAGES = ('staging', 'prod')
 
 def _now(): return datetime.now(timezone.utc).isoformat(timespec='seconds')
@@ -26,7 +26,7 @@ def _write_json(p:Path, obj):
     with open(tmp, 'w') as f: json.dump(obj, f, indent=2); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, p)
 
-# %% ../nbs/80_registry.ipynb #6e3930fd
+# %% ../nbs/80_registry.ipynb #9b1cd01a
 class Registry:
     "The model registry at `path` (default: the `registry_dir` setting) for the model `name` (default: `registry`)"
     def __init__(self, path=None, name=None):
@@ -59,7 +59,7 @@ class Registry:
     def audit_log(self)->list:
         return [json.loads(l) for l in self.audit_path.read_text().splitlines()] if self.audit_path.exists() else []
 
-# %% ../nbs/80_registry.ipynb #00aa2391
+# %% ../nbs/80_registry.ipynb #d3124237
 @patch_to(Registry)
 def register(self, files:list, info:dict=None, by=None)->dict:
     "Copy `files` in as a new version (or return the existing one with the same files); `info` keeps gate and metrics"
@@ -79,7 +79,7 @@ def register(self, files:list, info:dict=None, by=None)->dict:
     self.audit('register', by, version=ver, hash=rec['hash'])
     return rec
 
-# %% ../nbs/80_registry.ipynb #c7b32017
+# %% ../nbs/80_registry.ipynb #42dafd64
 @patch_to(Registry)
 def resolve(self, ref:str)->dict:
     "The version that `ref` names: a stage (`staging`, `prod`), a version (`v3`) or a hash prefix (8+ hex digits)"
@@ -106,19 +106,38 @@ def fetch(self, ref:str, dest=None)->dict:
         out[name] = p
     return dict(version=v, files=out)
 
-# %% ../nbs/80_registry.ipynb #fc7dde1e
+# %% ../nbs/80_registry.ipynb #f5a1e659
 @patch_to(Registry)
 def _refuse(self, action, msg, by=None, **kw):
     self.audit(action + '-refused', by, reason=msg, **kw)
     raise PetparkError(msg)
 
 @patch_to(Registry)
-def approve(self, ref:str, by=None, note:str='', checks=None)->dict:
-    "Record a QA approval of version `ref` (who, when, note); `checks(version)` may refuse with a reason"
+def record_preprod(self, ref:str, passed:bool, failed:list=(), report:str=None, url:str=None, by=None)->dict:
+    "Keep the verdict of a pre-production test of version `ref`: passed or not, the checks that failed, the report"
     v = self.resolve(ref)
+    rec = dict(at=_now(), by=_user(by), passed=bool(passed), failed=list(failed), report=str(report) if report else None, url=url)
+    with self._locked() as st: st.setdefault('preprod', {}).setdefault(v['version'], []).append(rec)
+    self.audit('preprod-test', by, version=v['version'], passed=rec['passed'], failed=rec['failed'], report=rec['report'])
+    return rec
+
+@patch_to(Registry)
+def latest_preprod(self, ref:str)->dict|None:
+    "The last pre-production verdict of version `ref`, if any"
+    runs = self.state().get('preprod', {}).get(self.resolve(ref)['version'], [])
+    return runs[-1] if runs else None
+
+@patch_to(Registry)
+def approve(self, ref:str, by=None, note:str='')->dict:
+    "Record a QA approval of version `ref` (who, when, note): it needs a passing gate and a passing latest pre-production test"
+    v = self.resolve(ref); ver = v['version']
     if not v.get('gate', {}).get('passed'):
-        self._refuse('approve', f"{v['version']} failed its evaluate gate ({'; '.join(v.get('gate', {}).get('reasons', ['no verdict']))}): it cannot be approved", by, version=v['version'])
-    if checks and (why := checks(v)): self._refuse('approve', f"{v['version']} cannot be approved: {why}", by, version=v['version'])
+        self._refuse('approve', f"{ver} failed its evaluate gate ({'; '.join(v.get('gate', {}).get('reasons', ['no verdict']))}): it cannot be approved", by, version=ver)
+    pp = self.latest_preprod(ver)
+    if pp is None:
+        self._refuse('approve', f'{ver} has no pre-production test: promote it to staging, serve it (`petpark serve --stage staging`) and run `petpark preprod-test --stage staging`', by, version=ver)
+    if not pp['passed']:
+        self._refuse('approve', f"{ver}'s latest pre-production test failed ({', '.join(pp['failed'])}; report {pp['report']}): fix it and run `petpark preprod-test` again", by, version=ver)
     if not note.strip(): raise PetparkError('an approval needs a note: say what was checked (--note "...")')
     rec = dict(by=_user(by), at=_now(), note=note)
     with self._locked() as st: st['approvals'].setdefault(v['version'], []).append(rec)
@@ -153,9 +172,10 @@ def rollback(self, stage:str, by=None, note:str='')->dict:
 
 @patch_to(Registry)
 def table(self)->list:
-    "One row per version: hash, when, gate, served variant, the stages that hold it now, approvals"
+    "One row per version: hash, when, gate, served variant, the stages that hold it now, latest pre-production verdict, approvals"
     st = self.state()
     now = {s: h[-1] for s, h in st['stages'].items() if h}
+    pp = {k: ('pass' if r[-1]['passed'] else 'fail') for k, r in st.get('preprod', {}).items() if r}
     return [dict(version=k, hash=v['hash'][:12], registered=v['registered'], gate='pass' if v.get('gate', {}).get('passed') else 'fail',
-                 served=v.get('served'), stages=','.join(s for s, x in now.items() if x == k),
+                 served=v.get('served'), stages=','.join(s for s, x in now.items() if x == k), preprod=pp.get(k, '-'),
                  approvals=len(st['approvals'].get(k, []))) for k, v in st['versions'].items()]

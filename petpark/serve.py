@@ -6,7 +6,7 @@
 __all__ = ['LOG_SCHEMA', 'FIX', 'LoadedModel', 'load_registered', 'load_dir', 'ModelHolder', 'db_path', 'InferenceLog',
            'BadInput', 'check_photo', 'create_app', 'build_app']
 
-# %% ../nbs/81_serve.ipynb #8acca2b2
+# %% ../nbs/81_serve.ipynb #01e09119
 import asyncio, io, json, os, sqlite3, threading, time, uuid
 from pathlib import Path
 import numpy as np
@@ -18,7 +18,7 @@ from PIL import Image
 from .core import *
 from .ingest import analyse
 
-# %% ../nbs/81_serve.ipynb #3168dc91
+# %% ../nbs/81_serve.ipynb #ad30529c
 class LoadedModel:
     "A registered model ready to run: its ONNX session, description (`serving.json`) and identity"
     def __init__(self, files:dict, version:str='local', model_hash:str=None, variant:str=None):
@@ -30,15 +30,19 @@ class LoadedModel:
         self.sess = onnx_session(self.path)
         self.classes, self.size, self.positive = self.meta['classes'], self.meta['img_size'], self.meta['positive']
 
+    def run(self, photos:np.ndarray)->tuple:
+        "Probabilities and embeddings of a uint8 NHWC batch"
+        return self.sess.run(None, {'image': photos})
+
     def predict(self, photos:np.ndarray)->tuple:
         "Probabilities, embeddings and labels (evaluate's threshold on the positive class) for a uint8 batch"
-        probs, emb = self.sess.run(None, {'image': photos})
+        probs, emb = self.run(photos)
         neg = [c for c in self.classes if c != self.positive][0]
         labels = np.where(probs[:, self.classes.index(self.positive)] >= self.meta['threshold'], self.positive, neg)
         return probs, emb, labels
 
     def info(self)->dict:
-        return dict(version=self.version, hash=self.hash, variant=self.variant, classes=self.classes, threshold=self.meta['threshold'],
+        return dict(version=self.version, hash=self.hash, variant=self.variant, classes=self.classes, positive=self.positive, threshold=self.meta['threshold'],
                     backbone=self.meta.get('backbone'), git_commit=self.meta.get('git_commit'), gate=self.meta.get('gate'))
 
 def load_registered(stage:str, registry=None)->LoadedModel:
@@ -48,24 +52,27 @@ def load_registered(stage:str, registry=None)->LoadedModel:
     got = reg.fetch(stage)
     return LoadedModel(got['files'], got['version']['version'], got['version']['hash'])
 
-def load_dir(model_dir)->LoadedModel:
-    "A model from a folder of packaged files (`serving.json` and the ONNX files it names)"
+def load_dir(model_dir, variant:str=None)->LoadedModel:
+    "A model from a folder of packaged files (`serving.json` and the ONNX files it names); `variant` overrides the packaged choice"
     d = proj_path(model_dir)
     if not (d/'serving.json').exists(): raise PetparkError(f'no serving.json in {d}: fetch a model with `petpark registry fetch prod --dest {d}`')
-    return LoadedModel({p.name: p for p in d.iterdir()})
+    files = {p.name: p for p in d.iterdir()}
+    known = json.loads(files['serving.json'].read_text())['files']
+    if variant and variant not in known: raise PetparkError(f"variant {variant!r} is not packaged in {d}: choose one of {', '.join(known)}")
+    return LoadedModel(files, variant=variant)
 
-# %% ../nbs/81_serve.ipynb #c88e43ed
+# %% ../nbs/81_serve.ipynb #6768da6e
 class ModelHolder:
     "The current model of a stage; a background thread follows the registry and swaps in a new version when it changes"
-    def __init__(self, stage:str=None, model_dir=None, reload_s:float=2.0, registry=None):
-        self.stage, self.model_dir, self.reload_s, self.registry = stage, model_dir, reload_s, registry
+    def __init__(self, stage:str=None, model_dir=None, reload_s:float=2.0, registry=None, variant:str=None):
+        self.stage, self.model_dir, self.reload_s, self.registry, self.variant = stage, model_dir, reload_s, registry, variant
         self.current, self.error, self._stop = None, None, threading.Event()
         self.log = get_logger('petpark.serve')
 
     def load(self):
         "Load (or re-load) the model; a failure keeps the model already serving and is reported by /ready"
         try:
-            if self.model_dir: m = load_dir(self.model_dir)
+            if self.model_dir: m = load_dir(self.model_dir, self.variant)
             else:
                 from petpark.registry import Registry
                 reg = self.registry or Registry()
@@ -90,7 +97,7 @@ class ModelHolder:
 
     def stop(self): self._stop.set()
 
-# %% ../nbs/81_serve.ipynb #506da93c
+# %% ../nbs/81_serve.ipynb #6ef02355
 LOG_SCHEMA = '''CREATE TABLE IF NOT EXISTS predictions(
   request_id TEXT, item INT, time REAL, model_version TEXT, model_hash TEXT, variant TEXT, input_sha256 TEXT,
   filename TEXT, format TEXT, width INT, height INT, brightness REAL, contrast REAL, embedding BLOB,
@@ -126,7 +133,7 @@ class InferenceLog:
     def count(self)->int:
         with self.lock: return self.con.execute('SELECT COUNT(*) FROM predictions').fetchone()[0]
 
-# %% ../nbs/81_serve.ipynb #0dc87bba
+# %% ../nbs/81_serve.ipynb #b7607a67
 class BadInput(Exception):
     "A request the server refuses: HTTP status, a short code, and a sentence naming the input and the fix"
     def __init__(self, status:int, code:str, detail:str, file:str=None):
@@ -149,7 +156,7 @@ def check_photo(name:str, b:bytes, max_bytes:int, formats:list, min_side:int, ma
                                                  'decompression_bomb': f' (limit {max_pixels:,})'}.get(p, '; send a whole JPEG or PNG photo'), name)
     return f
 
-# %% ../nbs/81_serve.ipynb #e0df3a8e
+# %% ../nbs/81_serve.ipynb #71394aeb
 def _metrics(model):
     reg = CollectorRegistry()
     return dict(registry=reg,
@@ -260,10 +267,11 @@ def create_app(holder:ModelHolder, log:InferenceLog, max_bytes:int=10_000_000, m
         if holder.current is None: return JSONResponse({'status': 'not ready', 'detail': holder.error}, status_code=503)
         return {'status': 'ready', 'model_version': holder.current.version}
 
-    @app.get('/version', summary='What is being served')
+    @app.get('/version', summary='What is being served, and the limits a request must keep to')
     def version():
         cur = holder.current
-        return dict(app=app.version, stage=holder.stage, model=cur.info() if cur else None, load_error=holder.error)
+        return dict(app=app.version, stage=holder.stage, model=cur.info() if cur else None, load_error=holder.error,
+                    limits=dict(lim, max_files=max_files))
 
     @app.get('/metrics', summary='Prometheus metrics')
     def metrics():
@@ -280,11 +288,11 @@ def create_app(holder:ModelHolder, log:InferenceLog, max_bytes:int=10_000_000, m
 
     return app
 
-# %% ../nbs/81_serve.ipynb #4546f818
-def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None)->tuple:
-    "The app and its model holder, configured from settings and params"
+# %% ../nbs/81_serve.ipynb #a06efc6a
+def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None, variant:str=None, holder:ModelHolder=None)->tuple:
+    "The app and its model holder (a new one unless given), configured from settings and params"
     s, p = get_settings(), load_params()['ingest']
-    holder = ModelHolder(stage, model_dir, float(s.get('serve_reload_s', 2)), registry).start()
+    holder = holder or ModelHolder(stage, model_dir, float(s.get('serve_reload_s', 2)), registry, variant).start()
     log = InferenceLog(db_path(db_url))
     app = create_app(holder, log, int(s.get('serve_max_bytes', 10_000_000)), int(s.get('serve_max_files', 16)),
                      s.get('admin_token', ''), p['formats'], p['min_side'], p['max_pixels'])

@@ -92,9 +92,16 @@ def test_registry_cli_round_trip(tmp_path, env):
     assert ok('registry', 'promote', 'v1', 'staging').returncode == 0
     r = ok('registry', 'promote', 'v1', 'prod')
     assert r.returncode == 2 and 'no QA approval' in r.stderr and 'Traceback' not in r.stderr
+    r = ok('registry', 'approve', 'v1', '--note', 'looks fine')
+    assert r.returncode == 2 and 'no pre-production test' in r.stderr, 'approval needs a pre-production verdict'
+    reg.record_preprod('v1', False, ['load'], 'reports/preprod_v1.html', by='qa-anna')
+    r = ok('registry', 'approve', 'v1', '--note', 'looks fine')
+    assert r.returncode == 2 and "latest pre-production test failed (load" in r.stderr
+    reg.record_preprod('v1', True, report='reports/preprod_v1.html', by='qa-anna')
     assert ok('registry', 'approve', 'v1').returncode == 2, 'an approval needs a note'
     assert ok('registry', 'approve', 'v1', '--note', 'smoke and accuracy ok').returncode == 0
     assert ok('registry', 'promote', 'v1', 'prod').returncode == 0
+    reg.record_preprod('v2', True, report='reports/preprod_v2.html', by='qa-anna')
     for a in [('promote', 'v2', 'staging'), ('approve', 'v2', '--note', 'ok'), ('promote', 'v2', 'prod')]:
         assert ok('registry', *a).returncode == 0, a
     r = ok('registry', 'promote', 'v3', 'staging')

@@ -3,26 +3,13 @@ import json, os, signal, socket, sqlite3, subprocess, sys, threading, time
 from pathlib import Path
 import httpx, pytest
 from petpark.registry import Registry
-from conftest import ROOT, TEST_LAKE
+from conftest import ROOT, TEST_LAKE, package_version
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
 
 
 def free_port():
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
-
-
-def package_version(d:Path, name:str, tta:bool):
-    "A tiny real model exported to ONNX with its serving description, as the package stage lays it out"
-    from petpark.train import lesson_model
-    from petpark.package import load_torch_model, served_model, export_onnx
-    if not (d/'models/model.pth').exists(): lesson_model(d)
-    m, meta = load_torch_model(d/'models')
-    out = d/name; out.mkdir()
-    export_onnx(served_model(m, meta['mean'], meta['std'], tta), out/'model.onnx', meta['img_size'])
-    (out/'serving.json').write_text(json.dumps(dict(classes=meta['classes'], positive='Dog', threshold=0.5, img_size=meta['img_size'],
-                                                    served='fp32', files={'fp32': 'model.onnx'}, gate={'passed': True, 'reasons': []})))
-    return [out/'model.onnx', out/'serving.json']
 
 
 @pytest.fixture(scope='module')
