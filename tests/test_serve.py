@@ -1,15 +1,12 @@
 "A real server on a free loopback port: predictions, hostile inputs, feedback, hot model switch under load, kill -9 durability, docs in a browser"
-import json, os, signal, socket, sqlite3, subprocess, sys, threading, time
+import json, os, signal, sqlite3, sys, threading, time
 from pathlib import Path
 import httpx, pytest
+from petpark.preprod import Served
 from petpark.registry import Registry
 from conftest import ROOT, TEST_LAKE, package_version
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
-
-
-def free_port():
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')
@@ -23,28 +20,14 @@ def reg(tmp_path_factory):
     return d, r
 
 
-class Server:
-    "`petpark serve` in a subprocess on a free loopback port"
+class Server(Served):
+    "`petpark serve` in a subprocess on a free loopback port, with its own inference log"
     def __init__(self, d:Path, stage='staging', **env):
-        self.port, self.db = free_port(), d/f'log-{time.time_ns()}.sqlite'
+        self.db = d/f'log-{time.time_ns()}.sqlite'
         e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                  PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_SERVE_MAX_BYTES='300000',
                  PETPARK_ADMIN_TOKEN='s3cret', **env)
-        self.proc = subprocess.Popen(['petpark', 'serve', '--stage', stage, '--port', str(self.port), '--db-url', f'sqlite:///{self.db}'],
-                                     cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.url = f'http://127.0.0.1:{self.port}'
-        for _ in range(300):
-            try:
-                if httpx.get(self.url + '/ready', timeout=1).status_code == 200: return
-            except httpx.HTTPError: pass
-            if self.proc.poll() is not None: raise RuntimeError(self.proc.stdout.read())
-            time.sleep(0.2)
-        raise RuntimeError('server did not become ready')
-
-    def stop(self):
-        self.proc.terminate()
-        try: self.proc.wait(10)
-        except subprocess.TimeoutExpired: self.proc.kill()
+        super().__init__(['petpark', 'serve', '--stage', stage, '--port', '{port}', '--db-url', f'sqlite:///{self.db}'], e)
 
 
 @pytest.fixture(scope='module')
