@@ -1,10 +1,10 @@
 "A real server on a free loopback port: predictions, hostile inputs, feedback, hot model switch under load, kill -9 durability, docs in a browser"
-import json, os, signal, sqlite3, sys, threading, time
+import os, signal, sqlite3, sys, threading, time
 from pathlib import Path
 import httpx, pytest
 from petpark.preprod import Served
 from petpark.registry import Registry
-from conftest import ROOT, TEST_LAKE, package_version
+from conftest import TEST_LAKE, package_version
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
 
