@@ -6,7 +6,7 @@
 __all__ = ['COMMANDS', 'data', 'ingest', 'train', 'evaluate', 'explain', 'package', 'repro', 'registry', 'serve', 'preprod_test',
            'camera', 'bench', 'main']
 
-# %% ../nbs/90_cli.ipynb #80ea6c82
+# %% ../nbs/90_cli.ipynb #d942538e
 import json, os, shutil, subprocess, sys
 import yaml
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Annotated
 from fastcore.script import call_parse, anno_parser, store_true
 from .core import *
 
-# %% ../nbs/90_cli.ipynb #b70e1f0e
+# %% ../nbs/90_cli.ipynb #f5767f43
 def _dvc(*args, root=None):
     "Run `dvc args` in the project root; a failure is a `PetparkError`"
     dvc = shutil.which('dvc') or str(Path(sys.executable).parent/'dvc')
@@ -22,7 +22,7 @@ def _dvc(*args, root=None):
     if r.returncode: raise PetparkError(f"dvc {' '.join(map(str, args))} failed: {(r.stderr or r.stdout).strip()}")
     return r.stdout
 
-# %% ../nbs/90_cli.ipynb #4141aef4
+# %% ../nbs/90_cli.ipynb #a43c87de
 @call_parse
 def data(root:str=None): # project folder (default: the one around the current directory)
     "Import the lake named by the `lake` setting into `data/`, pinned by `data.dvc`; re-run to pick up a changed lake"
@@ -37,7 +37,7 @@ def data(root:str=None): # project folder (default: the one around the current d
     changed = dvcfile.read_text() != before
     print(f"data/ holds the lake at {lake} ({'changed: commit data.dvc' if changed else 'unchanged'})")
 
-# %% ../nbs/90_cli.ipynb #338d562a
+# %% ../nbs/90_cli.ipynb #91024158
 @call_parse
 def ingest(data_dir:str='data', # lake snapshot (from `petpark data`)
            out_dir:str='artifacts/ingest', # where manifest.csv and splits.csv go
@@ -49,7 +49,7 @@ def ingest(data_dir:str='data', # lake snapshot (from `petpark data`)
     proj_path(metrics).write_text(json.dumps(m, indent=2))
     print(json.dumps(m, indent=2))
 
-# %% ../nbs/90_cli.ipynb #7e027240
+# %% ../nbs/90_cli.ipynb #1dbbc8a7
 @call_parse
 def train(manifest:str='artifacts/ingest/manifest.csv', # the ingest manifest
           data_dir:str='data', # lake snapshot
@@ -66,7 +66,7 @@ def train(manifest:str='artifacts/ingest/manifest.csv', # the ingest manifest
     proj_path(metrics).write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
-# %% ../nbs/90_cli.ipynb #fd5564d6
+# %% ../nbs/90_cli.ipynb #bfe13868
 def _summary(res:dict)->str:
     "A few lines a person reads: verdict, accuracy, per-class precision and recall, bias"
     lines = [('PASS' if res['gate']['passed'] else 'FAIL: ' + '; '.join(res['gate']['reasons'])),
@@ -84,7 +84,7 @@ def evaluate(images:str=None, # a labelled folder (Cat/, Dog/) to score; default
     res = evaluate_folder(images, model_dir, out_dir=out_dir, **load_params()['evaluate'])
     print(_summary(res))
 
-# %% ../nbs/90_cli.ipynb #8050c02b
+# %% ../nbs/90_cli.ipynb #830f4df6
 @call_parse
 def explain(image:str, # a photo file to explain
             model_dir:str='models', # the trained model
@@ -108,13 +108,13 @@ def package():
     "Export, check, quantise, document and register the trained model (`dvc repro package`; refuses a failed gate)"
     print(_dvc('repro', 'package'))
 
-# %% ../nbs/90_cli.ipynb #dc5fd259
+# %% ../nbs/90_cli.ipynb #09f8ad5d
 @call_parse
 def repro(stages:list=None): # stages to bring up to date (default: all)
     "Bring the pipeline up to date with `dvc repro` (notebook stages run by papermill)"
     print(_dvc('repro', *(stages or [])))
 
-# %% ../nbs/90_cli.ipynb #e8363497
+# %% ../nbs/90_cli.ipynb #b1014ae4
 def _table(rows:list)->str:
     "Rows of dicts as aligned text columns"
     if not rows: return '(none)'
@@ -147,7 +147,7 @@ def registry(action:str, # list, show, promote, approve, rollback or fetch
     elif action == 'audit': print('\n'.join(json.dumps(a) for a in reg.audit_log()))
     else: raise PetparkError(f'unknown registry action {action!r}: choose list, show, promote, approve, rollback, fetch or audit')
 
-# %% ../nbs/90_cli.ipynb #3f3ba98b
+# %% ../nbs/90_cli.ipynb #4044042d
 @call_parse
 def serve(stage:str='staging', # the registry stage to serve and follow: staging or prod
           model_dir:str=None, # serve these packaged files instead (what the Docker image does)
@@ -164,7 +164,7 @@ def serve(stage:str='staging', # the registry stage to serve and follow: staging
     if holder.current is None: raise PetparkError(f'nothing to serve: {holder.error}')
     uvicorn.run(app, host=host or s['serve_host'], port=int(port or s['serve_port']), log_level='warning')
 
-# %% ../nbs/90_cli.ipynb #dbff9215
+# %% ../nbs/90_cli.ipynb #d354f7cb
 def _api_url(url:str=None)->str:
     s = get_settings()
     return (url or f"http://{s['serve_host']}:{s['serve_port']}").rstrip('/')
@@ -178,13 +178,13 @@ def preprod_test(stage:str='staging', # the registry stage whose live server is 
                  by:str=None): # who runs it (default: PETPARK_USER, else the login name)
     "Pre-production tests against a live server: smoke, consistency, accuracy, fairness, hostile inputs, load; verdict to the registry"
     from petpark.preprod import run_preprod, labelled_photos, test_split_photos, write_report
-    from petpark.registry import Registry
+    from petpark.registry import Registry, user_name
     reg, p = Registry(), load_params()
     pp = dict(p['preprod']); n = pp.pop('photos_per_class'); n = per_class or n
     v = reg.resolve(stage)['version']
     items = labelled_photos(images, p['ingest']['classes'], n) if images else test_split_photos(n)
     res = run_preprod(_api_url(url), items, p['evaluate'], expect_version=v, **pp)
-    res['by'] = by or os.environ.get('PETPARK_USER') or __import__('getpass').getuser()
+    res['by'] = user_name(by)
     page = write_report(res, proj_path(out or f'reports/preprod_{v}'))
     reg.record_preprod(v, res['passed'], res['failed'], os.path.relpath(page, proj_root()), res['url'], by)
     print('\n'.join(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['detail']}" for c in res['checks']))
@@ -204,7 +204,7 @@ def camera(images:str, # a folder of photos (Cat/ and Dog/ subfolders let --feed
     res = stream(_api_url(url), images, rate, count, loop, feedback, say=(lambda m: None) if quiet else print)
     print(json.dumps(res))
 
-# %% ../nbs/90_cli.ipynb #5fad67d8
+# %% ../nbs/90_cli.ipynb #8438df3f
 @call_parse
 def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
           big:int=100_000, # ingest: size of the synthetic lake
@@ -217,7 +217,11 @@ def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
           out:str=None): # report path, written as .json and .md (default: reports/bench_<what>)
     "Measure speed and memory against a baseline in the same run; results go to `reports/`"
     out = proj_path(out or f'reports/bench_{what}')
-    md = lambda df: '\n'.join('| ' + ' | '.join(map(str, r)) + ' |' for r in [list(df.columns), ['---']*len(df.columns), *df.values.tolist()])
+    def write(df, title:str):
+        "The runs as JSON and as a markdown table under `title`"
+        out.with_suffix('.json').write_text(df.to_json(orient='records', indent=2))
+        rows = [list(df.columns), ['---']*len(df.columns), *df.values.tolist()]
+        out.with_suffix('.md').write_text(f'# {title}\n\n' + '\n'.join('| ' + ' | '.join(map(str, r)) + ' |' for r in rows) + '\n')
     def test_paths():
         from petpark.preprod import labelled_photos, test_split_photos
         n = (photos + 1)//2  # half from each class
@@ -226,24 +230,21 @@ def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
         from petpark.ingest import bench_ingest
         bench_ingest(lake_path(), out, big=big, work_dir=proj_path(get_settings()['cache_dir']), params=load_params()['ingest'])
     elif what == 'latency':
-        import pandas as pd
         from petpark.package import bench_latency
         paths, pk = test_paths(), proj_path(package_dir)
-        df = bench_latency(model_dir, {'fp32': pk/'model.onnx', 'int8': pk/'model.int8.onnx'}, paths)
-        out.with_suffix('.json').write_text(df.to_json(orient='records', indent=2))
-        out.with_suffix('.md').write_text(f'# Single-photo latency, {len(paths)} test photos, one process\n\n' + md(df) + '\n')
+        write(bench_latency(model_dir, {'fp32': pk/'model.onnx', 'int8': pk/'model.int8.onnx'}, paths),
+              f'Single-photo latency, {len(paths)} test photos, one process')
     elif what == 'serve':
         from petpark.preprod import bench_serve
         paths = test_paths()
         lv = tuple(int(x) for x in levels.split(','))
-        df = bench_serve([p.read_bytes() for p in paths], proj_path(package_dir), proj_path(model_dir), levels=lv, requests=requests)
-        out.with_suffix('.json').write_text(df.to_json(orient='records', indent=2))
-        out.with_suffix('.md').write_text(f'# Serving: `petpark serve` app on 127.0.0.1, one photo a request, {requests} requests per row, '
-                                          f'{len(paths)} test photos; client and server share this machine\n\n' + md(df) + '\n')
+        write(bench_serve([p.read_bytes() for p in paths], proj_path(package_dir), proj_path(model_dir), levels=lv, requests=requests),
+              f'Serving: `petpark serve` app on 127.0.0.1, one photo a request, {requests} requests per row, '
+              f'{len(paths)} test photos; client and server share this machine')
     else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency or serve")
     print(out.with_suffix('.md').read_text())
 
-# %% ../nbs/90_cli.ipynb #42e3665c
+# %% ../nbs/90_cli.ipynb #6ed5165f
 COMMANDS = {'data': data, 'ingest': ingest, 'train': train, 'evaluate': evaluate, 'explain': explain, 'package': package,
             'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'bench': bench}
 

@@ -6,7 +6,7 @@
 __all__ = ['torch_predict_fn', 'explain_photos', 'overlay', 'explain_photo', 'attribution_stats', 'pick_photos', 'explain_stage',
            'gallery', 'class_maps']
 
-# %% ../nbs/05_explain.ipynb #6a2a7999
+# %% ../nbs/05_explain.ipynb #e685adc7
 import json
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -15,18 +15,17 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from .core import *
 
-# %% ../nbs/05_explain.ipynb #2463e63c
+# %% ../nbs/05_explain.ipynb #af7621bc
 def torch_predict_fn(model_dir='models'):
     "(predict, meta): `predict` maps uint8 N x size x size x 3 photos to class probabilities with the trained PyTorch model"
     import torch
-    from petpark.package import load_torch_model, served_model
-    model, meta = load_torch_model(model_dir)
-    served = served_model(model, meta['mean'], meta['std'], meta.get('tta', False))
+    from petpark.package import load_served
+    served, meta = load_served(model_dir)
     def predict(x):
         with torch.no_grad(): return served(torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)))[0].numpy()
     return predict, meta
 
-# %% ../nbs/05_explain.ipynb #992522e5
+# %% ../nbs/05_explain.ipynb #ffce981b
 def explain_photos(predict, photos:np.ndarray, classes:list, positive:str, max_evals:int=300, batch_size:int=50)->np.ndarray:
     "SHAP values (N x H x W) of the `positive` class probability for uint8 `photos`, summed over colour channels"
     import shap
@@ -57,7 +56,7 @@ def explain_photo(predict, photo:np.ndarray, classes:list, positive:str, max_eva
     fig.tight_layout()
     return dict(label=label, probs=dict(zip(classes, map(float, p))), shap=sv, figure=fig, **attribution_stats(sv, positive if label == positive else None))
 
-# %% ../nbs/05_explain.ipynb #a81aba7a
+# %% ../nbs/05_explain.ipynb #982dce06
 def attribution_stats(sv:np.ndarray, positive_label=None)->dict:
     "Share of the decision's evidence in the central half of the photo and in its top 10% pixels"
     ev = np.clip(sv if positive_label else -sv, 0, None)  # evidence for the predicted class
@@ -67,7 +66,7 @@ def attribution_stats(sv:np.ndarray, positive_label=None)->dict:
     top = np.sort(ev.ravel())[::-1][:max(1, ev.size//10)].sum()/tot
     return dict(centre_share=float(centre), top10_share=float(top))
 
-# %% ../nbs/05_explain.ipynb #b968e8cb
+# %% ../nbs/05_explain.ipynb #9ce18327
 def pick_photos(preds:pd.DataFrame, positive:str, right:int=3, wrong:int=3)->pd.DataFrame:
     "Sample of evaluate's predictions to explain, per true class: the surest right and surest wrong"
     p = preds.assign(conf=preds[f'p_{positive}'].where(preds.label == positive, 1 - preds[f'p_{positive}']),
@@ -77,7 +76,7 @@ def pick_photos(preds:pd.DataFrame, positive:str, right:int=3, wrong:int=3)->pd.
         out += [g[g.correct].nlargest(right, 'conf'), g[~g.correct].nsmallest(wrong, 'conf')]
     return pd.concat(out).reset_index(drop=True)
 
-# %% ../nbs/05_explain.ipynb #c0075583
+# %% ../nbs/05_explain.ipynb #e66473b6
 def explain_stage(predict, meta:dict, preds:pd.DataFrame, data_root:Path, positive:str, right_per_class:int=3,
                   wrong_per_class:int=3, max_evals:int=300, batch_size:int=50)->tuple:
     "Explain a per-class sample of test predictions; returns the sample with its figures, the maps, and the summary"
@@ -112,8 +111,8 @@ def class_maps(sample:pd.DataFrame, svs, positive:str):
     labels = sorted(sample.label.unique())
     fig, axs = plt.subplots(1, len(labels), figsize=(3*len(labels), 3), squeeze=False)
     vmax = max(float(np.abs(svs[(sample.label == c).values].mean(0)).max()) for c in labels) or 1.0
+    from shap.plots.colors import red_transparent_blue
     for ax, c in zip(axs[0], labels):
-        from shap.plots.colors import red_transparent_blue
         ax.imshow(svs[(sample.label == c).values].mean(0), cmap=red_transparent_blue, vmin=-vmax, vmax=vmax)
         ax.set_title(f'true {c}: mean map (red = {positive})', fontsize=8); ax.axis('off')
     fig.tight_layout()

@@ -8,7 +8,7 @@ __all__ = ['REPORT_CSS', 'labelled_photos', 'test_split_photos', 'api_info', 'po
            'check_load', 'run_preprod', 'report_html', 'write_report', 'free_port', 'Served', 'EagerModel',
            'bench_server', 'bench_serve', 'camera']
 
-# %% ../nbs/82_preprod.ipynb #e1941477
+# %% ../nbs/82_preprod.ipynb #7b80bad7
 import html, io, json, os, random, struct, subprocess, sys, tempfile, threading, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -19,7 +19,7 @@ from .core import *
 from .ingest import walk_lake, is_litter
 from .serve import LoadedModel, ModelHolder
 
-# %% ../nbs/82_preprod.ipynb #439bdca1
+# %% ../nbs/82_preprod.ipynb #7e202ea7
 def labelled_photos(images, classes=('Cat', 'Dog'), per_class:int=0)->list:
     "`(path, label)` for the photos of a labelled folder (a subfolder per class), the first `per_class` of each (0: all)"
     root = Path(images)
@@ -39,7 +39,7 @@ def test_split_photos(per_class:int, manifest='artifacts/ingest/manifest.csv', d
     t = man[man.status == 'test'].groupby('label').head(per_class)
     return [(proj_path(data)/p, l) for p, l in zip(t.path, t.label)]
 
-# %% ../nbs/82_preprod.ipynb #e7a70059
+# %% ../nbs/82_preprod.ipynb #df3dcd85
 def api_info(url:str, timeout:float=10)->dict:
     "The server's `/version`: what it serves and the limits a request must keep to"
     try:
@@ -66,7 +66,7 @@ def predict_photos(client:httpx.Client, url:str, items:list, bs:int=8)->pd.DataF
                              version=j.get('model_version'), **{f'p_{c}': v for c, v in pr.get('probs', {}).items()}))
     return pd.DataFrame(rows)
 
-# %% ../nbs/82_preprod.ipynb #669d3244
+# %% ../nbs/82_preprod.ipynb #29e8c5ae
 def load_test(url:str, bodies:list, requests:int=200, concurrency:int=4, timeout:float=60)->dict:
     "Send `requests` photos (cycling through `bodies`), `concurrency` at a time, to `/predict`: req/s, latency percentiles, failures"
     lat, bad, lock = [], {}, threading.Lock()
@@ -87,7 +87,7 @@ def load_test(url:str, bodies:list, requests:int=200, concurrency:int=4, timeout
     return dict(concurrency=concurrency, requests=requests, ok=len(lat), failed=requests - len(lat), errors=bad,
                 req_per_s=round(len(lat)/wall, 2), p50_ms=pct(50), p95_ms=pct(95), p99_ms=pct(99), wall_s=round(wall, 2))
 
-# %% ../nbs/82_preprod.ipynb #be2030e6
+# %% ../nbs/82_preprod.ipynb #743cffc6
 def _encode(im:Image.Image, fmt:str)->bytes:
     b = io.BytesIO(); im.save(b, fmt); return b.getvalue()
 
@@ -115,7 +115,7 @@ def hostile_inputs(good:bytes, limits:dict)->list:
         cases.append(('GIF (not an accepted format)', one('anim.gif', _encode(Image.new('RGB', (64, 64), 'blue'), 'GIF')), 422, 'unsupported_format'))
     return cases
 
-# %% ../nbs/82_preprod.ipynb #013bcb60
+# %% ../nbs/82_preprod.ipynb #3c0211d0
 def _check(name:str, passed:bool, detail:str, **figures)->dict: return dict(check=name, passed=bool(passed), detail=detail, **figures)
 
 def check_smoke(client, url, items:list, per_class:int, version:str)->dict:
@@ -194,7 +194,7 @@ def check_load(url, bodies:list, requests:int, concurrency:int, max_p99_ms:float
     return _check('load', ok, f"{r['requests']} requests, {concurrency} at a time: {r['failed']} failed, {r['req_per_s']} req/s, "
                   f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (limit {max_p99_ms:g} ms)", load=r)
 
-# %% ../nbs/82_preprod.ipynb #1ad57ccf
+# %% ../nbs/82_preprod.ipynb #8a0aa6ad
 def run_preprod(url:str, items:list, limits:dict, smoke_per_class:int=3, consistency_photos:int=8, batch_sizes=(4, 8),
                 consistency_atol:float=1e-4, load_requests:int=200, load_concurrency:int=4, max_p99_ms:float=2000,
                 expect_version:str=None, wait_s:float=15, **kwargs)->dict:
@@ -219,7 +219,7 @@ def run_preprod(url:str, items:list, limits:dict, smoke_per_class:int=3, consist
     return dict(url=url, time=datetime.now(timezone.utc).isoformat(timespec='seconds'), stage=info.get('stage'), model=info['model'],
                 photos=len(items), passed=all(c['passed'] for c in checks), failed=[c['check'] for c in checks if not c['passed']], checks=checks)
 
-# %% ../nbs/82_preprod.ipynb #e70373ae
+# %% ../nbs/82_preprod.ipynb #b31c1d49
 REPORT_CSS = ('body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}'
               'td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.pass{color:#176f2c}.fail{color:#b00020;font-weight:bold}')
 
@@ -255,7 +255,7 @@ def write_report(res:dict, out)->Path:
     out.with_suffix('.html').write_text(report_html(res))
     return out.with_suffix('.html')
 
-# %% ../nbs/82_preprod.ipynb #3ac7e455
+# %% ../nbs/82_preprod.ipynb #9d115e12
 def free_port()->int:
     "A TCP port free on 127.0.0.1 now"
     import socket
@@ -285,15 +285,14 @@ class Served:
     def __enter__(self): return self
     def __exit__(self, *a): self.stop()
 
-# %% ../nbs/82_preprod.ipynb #1c1fe7ed
+# %% ../nbs/82_preprod.ipynb #4ec1bbe9
 class EagerModel(LoadedModel):
     "The packaged model's network run by PyTorch eager (the benchmark's baseline), with the package's threshold"
     def __init__(self, package_dir, model_dir='models'):
         import torch
-        from petpark.package import load_torch_model, served_model
+        from petpark.package import load_served
         self.meta = json.loads((proj_path(package_dir)/'serving.json').read_text())
-        m, tm = load_torch_model(model_dir)
-        self.net, self.torch = served_model(m, tm['mean'], tm['std'], tm.get('tta', False)), torch
+        self.net, self.torch = load_served(model_dir)[0], torch
         self.variant, self.version = 'eager', 'eager'
         self.path = proj_path(model_dir)/'model.pth'; self.hash = sha256_bytes(self.path.read_bytes())
         self.classes, self.size, self.positive = self.meta['classes'], self.meta['img_size'], self.meta['positive']
@@ -326,7 +325,7 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
     df[f'req_per_s_vs_{variants[0]}'] = (df.req_per_s/df.concurrency.map(base)).round(2)
     return df
 
-# %% ../nbs/82_preprod.ipynb #373ebe41
+# %% ../nbs/82_preprod.ipynb #e06102e2
 def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedback:float=0.0, seed:int=0,
            classes=('Cat', 'Dog'), say=print, timeout:float=30)->dict:
     "Stream the photos under `images` to `/predict` at `rate` per second (`count` of them, 0: all; `loop`: start again)"

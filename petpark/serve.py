@@ -6,8 +6,8 @@
 __all__ = ['LOG_SCHEMA', 'FIX', 'LoadedModel', 'load_registered', 'load_dir', 'ModelHolder', 'db_path', 'InferenceLog',
            'BadInput', 'check_photo', 'create_app', 'build_app']
 
-# %% ../nbs/81_serve.ipynb #01e09119
-import asyncio, io, json, os, sqlite3, threading, time, uuid
+# %% ../nbs/81_serve.ipynb #c0786d53
+import io, json, sqlite3, threading, time, uuid
 from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
@@ -17,12 +17,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Gauge, gene
 from PIL import Image
 from .core import *
 from .ingest import analyse
+from .package import onnx_session, threshold_labels
 
-# %% ../nbs/81_serve.ipynb #ad30529c
+# %% ../nbs/81_serve.ipynb #5a522e00
 class LoadedModel:
     "A registered model ready to run: its ONNX session, description (`serving.json`) and identity"
     def __init__(self, files:dict, version:str='local', model_hash:str=None, variant:str=None):
-        from petpark.package import onnx_session
         self.meta = json.loads(Path(files['serving.json']).read_text())
         self.variant = variant or self.meta['served']
         self.path = Path(files[self.meta['files'][self.variant]])
@@ -37,8 +37,7 @@ class LoadedModel:
     def predict(self, photos:np.ndarray)->tuple:
         "Probabilities, embeddings and labels (evaluate's threshold on the positive class) for a uint8 batch"
         probs, emb = self.run(photos)
-        neg = [c for c in self.classes if c != self.positive][0]
-        labels = np.where(probs[:, self.classes.index(self.positive)] >= self.meta['threshold'], self.positive, neg)
+        labels = threshold_labels(probs, self.classes, self.positive, self.meta['threshold'])
         return probs, emb, labels
 
     def info(self)->dict:
@@ -61,7 +60,7 @@ def load_dir(model_dir, variant:str=None)->LoadedModel:
     if variant and variant not in known: raise PetparkError(f"variant {variant!r} is not packaged in {d}: choose one of {', '.join(known)}")
     return LoadedModel(files, variant=variant)
 
-# %% ../nbs/81_serve.ipynb #6768da6e
+# %% ../nbs/81_serve.ipynb #3c075585
 class ModelHolder:
     "The current model of a stage; a background thread follows the registry and swaps in a new version when it changes"
     def __init__(self, stage:str=None, model_dir=None, reload_s:float=2.0, registry=None, variant:str=None):
@@ -97,7 +96,7 @@ class ModelHolder:
 
     def stop(self): self._stop.set()
 
-# %% ../nbs/81_serve.ipynb #6ef02355
+# %% ../nbs/81_serve.ipynb #917d05b8
 LOG_SCHEMA = '''CREATE TABLE IF NOT EXISTS predictions(
   request_id TEXT, item INT, time REAL, model_version TEXT, model_hash TEXT, variant TEXT, input_sha256 TEXT,
   filename TEXT, format TEXT, width INT, height INT, brightness REAL, contrast REAL, embedding BLOB,
@@ -133,7 +132,7 @@ class InferenceLog:
     def count(self)->int:
         with self.lock: return self.con.execute('SELECT COUNT(*) FROM predictions').fetchone()[0]
 
-# %% ../nbs/81_serve.ipynb #b7607a67
+# %% ../nbs/81_serve.ipynb #ef289a79
 class BadInput(Exception):
     "A request the server refuses: HTTP status, a short code, and a sentence naming the input and the fix"
     def __init__(self, status:int, code:str, detail:str, file:str=None):
@@ -156,8 +155,8 @@ def check_photo(name:str, b:bytes, max_bytes:int, formats:list, min_side:int, ma
                                                  'decompression_bomb': f' (limit {max_pixels:,})'}.get(p, '; send a whole JPEG or PNG photo'), name)
     return f
 
-# %% ../nbs/81_serve.ipynb #71394aeb
-def _metrics(model):
+# %% ../nbs/81_serve.ipynb #dee427b7
+def _metrics():
     reg = CollectorRegistry()
     return dict(registry=reg,
         requests=Counter('petpark_requests', 'HTTP requests by endpoint and status', ['endpoint', 'status'], registry=reg),
@@ -188,7 +187,7 @@ def create_app(holder:ModelHolder, log:InferenceLog, max_bytes:int=10_000_000, m
     app = FastAPI(title='petpark', version=__import__('petpark').__version__, docs_url=None, redoc_url=None,
                   description='Cats vs dogs for the park: predictions from the registered ONNX model, every one logged.')
     _offline_docs(app)
-    m, lim = _metrics(holder), dict(max_bytes=max_bytes, formats=list(formats), min_side=min_side, max_pixels=max_pixels)
+    m, lim = _metrics(), dict(max_bytes=max_bytes, formats=list(formats), min_side=min_side, max_pixels=max_pixels)
 
     async def read_photos(request:Request)->list:
         ctype = request.headers.get('content-type', '').split(';')[0].strip().lower()
@@ -201,11 +200,11 @@ def create_app(holder:ModelHolder, log:InferenceLog, max_bytes:int=10_000_000, m
             if len(ups) > max_files: raise BadInput(413, 'too_many_files', f'{len(ups)} files is over the limit of {max_files} per request')
             return [(u.filename or f'file{i}', await u.read()) for i, u in enumerate(ups)]
         if ctype.startswith('image/') or ctype == 'application/octet-stream':
-            body = b''
+            body = bytearray()  # grows in place: appending to bytes would copy the whole body for every chunk
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > max_bytes: raise BadInput(413, 'too_large', f'the body is over the {max_bytes:,}-byte limit; send a smaller photo', 'body')
-            return [('body', body)]
+            return [('body', bytes(body))]
         raise BadInput(415, 'unsupported_media_type', f'content type {ctype or "(none)"!r}: send multipart/form-data files or one image/jpeg, image/png body')
 
     def run(model, photos:list)->tuple:
@@ -288,7 +287,7 @@ def create_app(holder:ModelHolder, log:InferenceLog, max_bytes:int=10_000_000, m
 
     return app
 
-# %% ../nbs/81_serve.ipynb #a06efc6a
+# %% ../nbs/81_serve.ipynb #60383b3b
 def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None, variant:str=None, holder:ModelHolder=None)->tuple:
     "The app and its model holder (a new one unless given), configured from settings and params"
     s, p = get_settings(), load_params()['ingest']

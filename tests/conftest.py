@@ -1,4 +1,4 @@
-import hashlib, json, os, shutil, sys
+import hashlib, os, shutil, sys
 from pathlib import Path
 import pytest
 
@@ -24,26 +24,11 @@ def make_lake(dst: Path, per_class: int, start: int = 0, dirty: bool = True) -> 
     return dst
 
 
+def venv_env(**extra)->dict:
+    "Environment for subprocesses: this venv's tools first, plus `extra` variables"
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra)
+
+
 @pytest.fixture
-def env():
-    "Environment for subprocesses: this venv's tools first"
-    e = dict(os.environ)
-    e['PATH'] = f"{Path(sys.executable).parent}{os.pathsep}{e['PATH']}"
-    return e
+def env(): return venv_env()
 
-
-def package_version(d:Path, name:str, tta:bool, int8:bool=False):
-    "A tiny real model exported to ONNX (and int8 if asked) with its serving description, as the package stage lays it out"
-    from petpark.train import lesson_model
-    from petpark.package import load_torch_model, served_model, export_onnx, quantize_int8
-    if not (d/'models/model.pth').exists(): lesson_model(d)
-    m, meta = load_torch_model(d/'models')
-    out = d/name; out.mkdir()
-    export_onnx(served_model(m, meta['mean'], meta['std'], tta), out/'model.onnx', meta['img_size'])
-    files = {'fp32': 'model.onnx'}
-    if int8:
-        quantize_int8(out/'model.onnx', out/'model.int8.onnx', [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 5)], meta['img_size'])
-        files['int8'] = 'model.int8.onnx'
-    (out/'serving.json').write_text(json.dumps(dict(classes=meta['classes'], positive='Dog', threshold=0.5, img_size=meta['img_size'],
-                                                    served='fp32', files=files, gate={'passed': True, 'reasons': []})))
-    return [out/f for f in files.values()] + [out/'serving.json']

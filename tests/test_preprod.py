@@ -1,10 +1,10 @@
 "Release on real servers: pre-production tests (failing and passing), QA approval, promotion to prod, rollback, the camera, the serving benchmark"
-import json, os, shutil, sqlite3, subprocess, sys, time
-from pathlib import Path
+import json, os, shutil, sqlite3, subprocess, time
 import httpx, pytest, yaml
 from petpark.preprod import Served
 from petpark.registry import Registry
-from conftest import ROOT, TEST_LAKE, package_version
+from petpark.package import lesson_package
+from conftest import ROOT, TEST_LAKE, venv_env
 
 
 @pytest.fixture(scope='module')
@@ -14,7 +14,7 @@ def site(tmp_path_factory):
     os.environ['WANDB_MODE'] = 'disabled'
     reg = Registry(d/'registry', 'petpark-classifier')
     for name, tta in [('a', True), ('b', False)]:
-        reg.register(package_version(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
+        reg.register(lesson_package(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
     reg.promote('v1', 'staging', by='test')
     qa = d/'qa'; qa.mkdir()
     for f in ['pyproject.toml', 'settings.ini']: shutil.copy(ROOT/f, qa/f)
@@ -22,8 +22,7 @@ def site(tmp_path_factory):
     p['evaluate'].update(min_accuracy=0.5, min_class_recall=0.3, max_recall_gap=0.7, max_share_gap=0.9)
     p['preprod'].update(smoke_per_class=0, load_requests=30, max_p99_ms=60_000)
     (qa/'params.yaml').write_text(yaml.safe_dump(p))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PETPARK_REGISTRY_DIR=str(d/'registry'),
-               PETPARK_SERVE_RELOAD_S='0.3', PETPARK_USER='qa-anna')
+    env = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_USER='qa-anna')
     return d, reg, qa, env
 
 
@@ -101,12 +100,12 @@ def test_camera_streams_a_folder_and_posts_staff_feedback(site):
 
 def test_bench_serve_compares_eager_fp32_and_int8_in_one_run(tmp_path):
     os.environ['WANDB_MODE'] = 'disabled'
-    package_version(tmp_path, 'pkg', True, int8=True)
+    lesson_package(tmp_path, 'pkg', True, int8=True)
     photos = tmp_path/'photos'
     for c in ['Cat', 'Dog']:
         (photos/c).mkdir(parents=True)
         for i in range(1, 4): shutil.copy(TEST_LAKE/f'{c}/{i}.jpg', photos/c)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = venv_env()
     r = petpark(['bench', 'serve', '--images', photos, '--photos', 6, '--levels', '1,2', '--requests', 12,
                  '--package-dir', tmp_path/'pkg', '--model-dir', tmp_path/'models', '--out', tmp_path/'bench'], env)
     assert r.returncode == 0, r.stderr

@@ -1,10 +1,11 @@
 "A real server on a free loopback port: predictions, hostile inputs, feedback, hot model switch under load, kill -9 durability, docs in a browser"
-import os, signal, sqlite3, sys, threading, time
+import os, signal, sqlite3, threading, time
 from pathlib import Path
 import httpx, pytest
 from petpark.preprod import Served
 from petpark.registry import Registry
-from conftest import TEST_LAKE, package_version
+from petpark.package import lesson_package
+from conftest import TEST_LAKE, venv_env
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
 
@@ -15,7 +16,7 @@ def reg(tmp_path_factory):
     os.environ['WANDB_MODE'] = 'disabled'
     r = Registry(d/'registry', 'petpark-classifier')
     for name, tta in [('a', True), ('b', False)]:
-        r.register(package_version(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
+        r.register(lesson_package(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
     r.promote('v1', 'staging')
     return d, r
 
@@ -24,9 +25,8 @@ class Server(Served):
     "`petpark serve` in a subprocess on a free loopback port, with its own inference log"
     def __init__(self, d:Path, stage='staging', **env):
         self.db = d/f'log-{time.time_ns()}.sqlite'
-        e = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                 PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_SERVE_MAX_BYTES='300000',
-                 PETPARK_ADMIN_TOKEN='s3cret', **env)
+        e = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_SERVE_MAX_BYTES='300000',
+                     PETPARK_ADMIN_TOKEN='s3cret', **env)
         super().__init__(['petpark', 'serve', '--stage', stage, '--port', '{port}', '--db-url', f'sqlite:///{self.db}'], e)
 
 
