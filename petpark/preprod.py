@@ -8,7 +8,7 @@ __all__ = ['REPORT_CSS', 'labelled_photos', 'test_split_photos', 'api_info', 'po
            'check_load', 'run_preprod', 'report_html', 'write_report', 'free_port', 'Served', 'EagerModel',
            'bench_server', 'bench_serve', 'camera']
 
-# %% ../nbs/82_preprod.ipynb #7b80bad7
+# %% ../nbs/82_preprod.ipynb #b7ed3329
 import html, io, json, os, random, struct, subprocess, sys, tempfile, threading, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -19,7 +19,7 @@ from .core import *
 from .ingest import walk_lake, is_litter
 from .serve import LoadedModel, ModelHolder
 
-# %% ../nbs/82_preprod.ipynb #7e202ea7
+# %% ../nbs/82_preprod.ipynb #576baeb4
 def labelled_photos(images, classes=('Cat', 'Dog'), per_class:int=0)->list:
     "`(path, label)` for the photos of a labelled folder (a subfolder per class), the first `per_class` of each (0: all)"
     root = Path(images)
@@ -39,7 +39,7 @@ def test_split_photos(per_class:int, manifest='artifacts/ingest/manifest.csv', d
     t = man[man.status == 'test'].groupby('label').head(per_class)
     return [(proj_path(data)/p, l) for p, l in zip(t.path, t.label)]
 
-# %% ../nbs/82_preprod.ipynb #df3dcd85
+# %% ../nbs/82_preprod.ipynb #9fe2bde5
 def api_info(url:str, timeout:float=10)->dict:
     "The server's `/version`: what it serves and the limits a request must keep to"
     try:
@@ -66,7 +66,7 @@ def predict_photos(client:httpx.Client, url:str, items:list, bs:int=8)->pd.DataF
                              version=j.get('model_version'), **{f'p_{c}': v for c, v in pr.get('probs', {}).items()}))
     return pd.DataFrame(rows)
 
-# %% ../nbs/82_preprod.ipynb #29e8c5ae
+# %% ../nbs/82_preprod.ipynb #26c2e9ec
 def load_test(url:str, bodies:list, requests:int=200, concurrency:int=4, timeout:float=60)->dict:
     "Send `requests` photos (cycling through `bodies`), `concurrency` at a time, to `/predict`: req/s, latency percentiles, failures"
     lat, bad, lock = [], {}, threading.Lock()
@@ -87,7 +87,7 @@ def load_test(url:str, bodies:list, requests:int=200, concurrency:int=4, timeout
     return dict(concurrency=concurrency, requests=requests, ok=len(lat), failed=requests - len(lat), errors=bad,
                 req_per_s=round(len(lat)/wall, 2), p50_ms=pct(50), p95_ms=pct(95), p99_ms=pct(99), wall_s=round(wall, 2))
 
-# %% ../nbs/82_preprod.ipynb #743cffc6
+# %% ../nbs/82_preprod.ipynb #68d150ec
 def _encode(im:Image.Image, fmt:str)->bytes:
     b = io.BytesIO(); im.save(b, fmt); return b.getvalue()
 
@@ -115,7 +115,7 @@ def hostile_inputs(good:bytes, limits:dict)->list:
         cases.append(('GIF (not an accepted format)', one('anim.gif', _encode(Image.new('RGB', (64, 64), 'blue'), 'GIF')), 422, 'unsupported_format'))
     return cases
 
-# %% ../nbs/82_preprod.ipynb #3c0211d0
+# %% ../nbs/82_preprod.ipynb #1cec54b5
 def _check(name:str, passed:bool, detail:str, **figures)->dict: return dict(check=name, passed=bool(passed), detail=detail, **figures)
 
 def check_smoke(client, url, items:list, per_class:int, version:str)->dict:
@@ -134,21 +134,22 @@ def check_smoke(client, url, items:list, per_class:int, version:str)->dict:
 def check_consistency(client, url, items:list, batch_sizes:list, atol:float, info:dict)->dict:
     "The same photos give the same answer alone, twice, in each batch size, and as a raw body; labels follow the threshold"
     photos = [(Path(p).name, Path(p).read_bytes()) for p, _ in items]
+    m = info['model']; classes, pos, t = m['classes'], m['positive'], m['threshold']
     runs = []
-    for bs in [1, *batch_sizes]:
-        probs = []
+    for bs in [1, 1, *batch_sizes]:
+        preds = []
         for i in range(0, len(photos), bs):
             r = post_photos(client, url, photos[i:i + bs])
             if r.status_code != 200: return _check('consistency', False, f'batch of {bs}: {r.status_code} {r.text[:100]}')
-            probs += [p for p in r.json()['predictions']]
-        runs.append((f'batch {bs}', probs))
-    raw = client.post(url.rstrip('/') + '/predict', content=photos[0][1], headers={'content-type': 'image/jpeg'}).json()['predictions']
-    m = info['model']; pos, t = m['positive'], m['threshold']
-    base = np.array([[p['probs'][c] for c in m['classes']] for p in runs[0][1]])
-    diff = max(float(abs(np.array([[p['probs'][c] for c in m['classes']] for p in ps]) - base).max()) for _, ps in runs)
-    diff = max(diff, max(abs(raw[0]['probs'][c] - runs[0][1][0]['probs'][c]) for c in m['classes']))
-    labels_same = all([p['label'] for p in ps] == [p['label'] for p in runs[0][1]] for _, ps in runs)
-    rule = all((p['label'] == pos) == (p['probs'][pos] >= t) for p in runs[0][1])
+            preds += r.json()['predictions']
+        runs.append(preds)
+    runs.append(client.post(url.rstrip('/') + '/predict', content=photos[0][1], headers={'content-type': 'image/jpeg'}).json()['predictions'])
+    probs = lambda preds: np.array([[p['probs'][c] for c in classes] for p in preds])
+    labels = lambda preds: [p['label'] for p in preds]
+    first = runs[0]
+    diff = max(float(abs(probs(ps) - probs(first[:len(ps)])).max()) for ps in runs[1:])
+    labels_same = all(labels(ps) == labels(first[:len(ps)]) for ps in runs[1:])
+    rule = all((p['label'] == pos) == (p['probs'][pos] >= t) for p in first)
     ok = diff <= atol and labels_same and rule
     return _check('consistency', ok, f'{len(photos)} photos alone (twice), in batches of {", ".join(map(str, batch_sizes))} and as a raw body: '
                   f'max probability difference {diff:.2g} (limit {atol:g}), labels {"identical" if labels_same else "DIFFER"}'
@@ -194,7 +195,7 @@ def check_load(url, bodies:list, requests:int, concurrency:int, max_p99_ms:float
     return _check('load', ok, f"{r['requests']} requests, {concurrency} at a time: {r['failed']} failed, {r['req_per_s']} req/s, "
                   f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms (limit {max_p99_ms:g} ms)", load=r)
 
-# %% ../nbs/82_preprod.ipynb #8a0aa6ad
+# %% ../nbs/82_preprod.ipynb #806afcf4
 def run_preprod(url:str, items:list, limits:dict, smoke_per_class:int=3, consistency_photos:int=8, batch_sizes=(4, 8),
                 consistency_atol:float=1e-4, load_requests:int=200, load_concurrency:int=4, max_p99_ms:float=2000,
                 expect_version:str=None, wait_s:float=15, **kwargs)->dict:
@@ -219,7 +220,7 @@ def run_preprod(url:str, items:list, limits:dict, smoke_per_class:int=3, consist
     return dict(url=url, time=datetime.now(timezone.utc).isoformat(timespec='seconds'), stage=info.get('stage'), model=info['model'],
                 photos=len(items), passed=all(c['passed'] for c in checks), failed=[c['check'] for c in checks if not c['passed']], checks=checks)
 
-# %% ../nbs/82_preprod.ipynb #b31c1d49
+# %% ../nbs/82_preprod.ipynb #d11d78af
 REPORT_CSS = ('body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse;margin:1em 0}'
               'td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.pass{color:#176f2c}.fail{color:#b00020;font-weight:bold}')
 
@@ -255,7 +256,7 @@ def write_report(res:dict, out)->Path:
     out.with_suffix('.html').write_text(report_html(res))
     return out.with_suffix('.html')
 
-# %% ../nbs/82_preprod.ipynb #9d115e12
+# %% ../nbs/82_preprod.ipynb #80c96f1c
 def free_port()->int:
     "A TCP port free on 127.0.0.1 now"
     import socket
@@ -285,7 +286,7 @@ class Served:
     def __enter__(self): return self
     def __exit__(self, *a): self.stop()
 
-# %% ../nbs/82_preprod.ipynb #4ec1bbe9
+# %% ../nbs/82_preprod.ipynb #d7e9c29d
 class EagerModel(LoadedModel):
     "The packaged model's network run by PyTorch eager (the benchmark's baseline), with the package's threshold"
     def __init__(self, package_dir, model_dir='models'):
@@ -325,7 +326,7 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
     df[f'req_per_s_vs_{variants[0]}'] = (df.req_per_s/df.concurrency.map(base)).round(2)
     return df
 
-# %% ../nbs/82_preprod.ipynb #e06102e2
+# %% ../nbs/82_preprod.ipynb #6b426fbb
 def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedback:float=0.0, seed:int=0,
            classes=('Cat', 'Dog'), say=print, timeout:float=30)->dict:
     "Stream the photos under `images` to `/predict` at `rate` per second (`count` of them, 0: all; `loop`: start again)"
