@@ -6,10 +6,10 @@
 __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'MANIFEST_COLS', 'is_litter', 'walk_lake', 'phash', 'hamming', 'analyse',
            'FactCache', 'scan', 'load_rows', 'classify', 'group_near_dups', 'quarantine_group_conflicts', 'hash_score',
            'read_ledger', 'assign_splits', 'write_ledger', 'write_manifest', 'ingest_metrics', 'ingest_lake',
-           'synth_lake', 'bench_ingest', 'bench_table']
+           'ingest_stage']
 
 # %% ../nbs/01_ingest.ipynb #aeeb1b14
-import csv, io, json, os, sqlite3, subprocess, sys, tempfile, time, warnings
+import csv, json, os, sqlite3, time
 from contextlib import closing, nullcontext
 from multiprocessing import Pool
 from pathlib import Path
@@ -19,6 +19,7 @@ from scipy.fft import dctn
 from fastcore.basics import chunked
 from tqdm.auto import tqdm
 from .core import *
+from .runtime import decode_photo
 
 # %% ../nbs/01_ingest.ipynb #bdba42e7
 LITTER = {'.ds_store', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '.directory'}
@@ -52,22 +53,10 @@ def hamming(a:int, b:int)->int:
     return ((a ^ b) & MASK64).bit_count()
 
 # %% ../nbs/01_ingest.ipynb #4fb32dae
-def analyse(b:bytes, max_pixels:int=40_000_000)->dict:
-    "Facts about one file's bytes, with the `problem` that makes it unusable for training, if any"
-    r = dict(format=None, mode=None, width=None, height=None, problem=None, phash=None, brightness=None, contrast=None)
-    if not b: return {**r, 'problem': 'empty'}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(b))
-        r.update(format=im.format, mode=im.mode, width=im.width, height=im.height)
-    except Image.DecompressionBombError: return {**r, 'problem': 'decompression_bomb'}
-    except Exception: return {**r, 'problem': 'not_image'}
-    if im.width*im.height > max_pixels: return {**r, 'problem': 'decompression_bomb'}
-    try: im.load()
-    except Exception as e: return {**r, 'problem': 'truncated' if 'truncat' in str(e) else 'corrupt'}
-    g = np.asarray(to_rgb(im).convert('L'), dtype=np.float32)
-    return {**r, 'phash': phash(im), 'brightness': round(float(g.mean()), 2), 'contrast': round(float(g.std()), 2)}
+def analyse(b:bytes, max_pixels:int)->dict:
+    "Facts about one file's bytes, with the `problem` that makes it unusable for training, if any, and its perceptual hash"
+    f, im = decode_photo(b, max_pixels)
+    return {**f, 'phash': None if im is None else phash(im)}
 
 # %% ../nbs/01_ingest.ipynb #2a430187
 CACHE_VERSION = 1  # bump when `analyse` changes what it records
@@ -97,13 +86,13 @@ def _scan_one(job)->dict:
     root, path, label = job
     b = (Path(root)/path).read_bytes()
     row = dict(path=path, label=label, sha256=sha256_bytes(b), bytes=len(b), cached=False)
-    if is_litter(Path(path).name): return {**row, **analyse(b'')} | {'problem': 'os_litter'}
+    if is_litter(Path(path).name): return {**row, **analyse(b'', 0)} | {'problem': 'os_litter'}
     facts = _worker['cache'].get(row['sha256'], _worker['max_pixels'])
     if facts is not None: return {**row, **facts, 'cached': True}
     return {**row, **analyse(b, _worker['max_pixels'])}
 
 # %% ../nbs/01_ingest.ipynb #9322f68f
-def scan(root:Path, classes:list, cache_file:Path, max_pixels:int=40_000_000, workers:int=2):
+def scan(root:Path, classes:list, cache_file:Path, max_pixels:int, workers:int):
     "Yield one row per file under `root`, decoding in `workers` processes and caching facts by content hash"
     n = sum(len(f) for _, _, f in os.walk(root))
     jobs = ((str(root), p, l) for p, l in walk_lake(root, classes))
@@ -268,25 +257,23 @@ def ingest_metrics(con)->dict:
                 cached=one('SELECT COUNT(*) FROM files WHERE cached'))
 
 # %% ../nbs/01_ingest.ipynb #90e150d6
-def ingest_lake(data_dir:Path, out_dir:Path, classes:list=('Cat', 'Dog'), test_frac:float=0.2, split_salt:str='v1',
-                formats:list=('JPEG', 'PNG', 'WEBP', 'BMP'), min_side:int=32, max_pixels:int=40_000_000,
-                near_dup_bits:int=3, workers:int=2, cache_dir:Path=None)->dict:
-    "Write `manifest.csv` and the split ledger `splits.csv` for the lake snapshot `data_dir` into `out_dir`"
+def ingest_lake(data_dir:Path, out_dir:Path, p:IngestParams, cache_dir:Path=None, workers:int=None)->dict:
+    "Write `manifest.csv` and the split ledger `splits.csv` for the lake snapshot `data_dir` into `out_dir`; returns the counts"
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir(): raise PetparkError(f'no lake snapshot at {data_dir}: run `petpark data` (or `dvc update data.dvc`)')
     out_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(cache_dir or proj_path(get_settings()['cache_dir']))
+    cache_dir = Path(cache_dir or site_path(get_settings().cache_dir))
     t0, work = time.time(), out_dir/'.ingest.sqlite'
     work.unlink(missing_ok=True)
     with closing(sqlite3.connect(work)) as con:
-        n = load_rows(con, scan(data_dir, list(classes), cache_dir/f'facts-v{CACHE_VERSION}.sqlite', max_pixels, workers))
-        _cache_new(con, cache_dir, max_pixels)
-        classify(con, list(formats), min_side)
-        group_near_dups(con, near_dup_bits)
+        n = load_rows(con, scan(data_dir, list(p.classes), cache_dir/f'facts-v{CACHE_VERSION}.sqlite', p.max_pixels, workers or p.workers))
+        _cache_new(con, cache_dir, p.max_pixels)
+        classify(con, list(p.formats), p.min_side)
+        group_near_dups(con, p.near_dup_bits)
         quarantine_group_conflicts(con)
-        read_ledger(con, out_dir/'splits.csv', test_frac, split_salt)
-        assign_splits(con, test_frac, split_salt)
-        write_ledger(con, out_dir/'splits.csv', test_frac, split_salt)
+        read_ledger(con, out_dir/'splits.csv', p.test_frac, p.split_salt)
+        assign_splits(con, p.test_frac, p.split_salt)
+        write_ledger(con, out_dir/'splits.csv', p.test_frac, p.split_salt)
         write_manifest(con, out_dir/'manifest.csv')
         m = ingest_metrics(con)
     work.unlink()
@@ -301,63 +288,7 @@ def _cache_new(con, cache_dir, max_pixels):
         (r[0], max_pixels, {**dict(zip(cols, r[1:])), 'phash': None if r[6] is None else r[6] & MASK64}) for r in rows)
 
 # %% ../nbs/01_ingest.ipynb #39846596
-def synth_lake(src:Path, dst:Path, n:int, classes=('Cat', 'Dog'), seed:int=0, pool:int=400)->Path:
-    "Write `n` distinct photos to `dst/<class>/`: JPEG mosaics of four thumbnails of one class from `src`"
-    rng, dst, thumbs = np.random.default_rng(seed), Path(dst), {}
-    for l in classes:
-        (dst/l).mkdir(parents=True, exist_ok=True)
-        thumbs[l] = []
-        for p, _ in walk_lake(Path(src)/l, []):
-            if len(thumbs[l]) >= pool: break
-            try: thumbs[l].append(open_rgb(Path(src)/l/p).resize((90, 90)))
-            except Exception: pass  # a broken lake file: skip it
-        if not thumbs[l]: raise PetparkError(f'no usable {l} photos in {src} to synthesise from')
-    for i in tqdm(range(n), desc='synthesise', unit='img', mininterval=2):
-        l = classes[i % len(classes)]; im = Image.new('RGB', (180, 180))
-        for k, j in enumerate(rng.integers(0, len(thumbs[l]), 4)): im.paste(thumbs[l][j], ((k % 2)*90, (k//2)*90))
-        im.save(dst/l/f's{i:06d}.jpg', quality=int(rng.integers(75, 95)))
-    return dst
-
-# %% ../nbs/01_ingest.ipynb #c0cba7b5
-_BENCH_RUN = """
-import json, resource, sys, tempfile
-from petpark.ingest import ingest_lake
-a = json.loads(sys.argv[1])
-with tempfile.TemporaryDirectory() as d:
-    m = ingest_lake(a['lake'], d + '/out', cache_dir=a.get('cache') or d + '/cache', workers=a['workers'], **a['params'])
-kb = lambda w: resource.getrusage(w).ru_maxrss
-print(json.dumps(dict(images=m['files'], seconds=m['seconds'], images_per_s=m['images_per_s'],
-                      peak_mb=round((kb(resource.RUSAGE_SELF) + kb(resource.RUSAGE_CHILDREN)) / 1024, 1))))
-"""
-
-def _bench_run(lake, workers, params, cache=None)->dict:
-    "One ingest of `lake` in a fresh process: images/s and peak memory (process + largest worker)"
-    arg = json.dumps(dict(lake=str(lake), workers=workers, params=params, cache=cache and str(cache)))
-    out = subprocess.run([sys.executable, '-c', _BENCH_RUN, arg], capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-# %% ../nbs/01_ingest.ipynb #a5a4c55c
-def bench_ingest(lake:Path, out:Path, big:int=100_000, work_dir:Path=None, params:dict=None)->dict:
-    "Ingest images/s and peak memory at the lake's size and at `big` synthetic photos; writes `out` (.json and .md)"
-    params = {k: v for k, v in (params or {}).items() if k != 'workers'}
-    with tempfile.TemporaryDirectory(dir=work_dir) as d:
-        runs = {'lake, 1 worker (baseline)': _bench_run(lake, 1, params),
-                'lake, 2 workers': _bench_run(lake, 2, params)}
-        _bench_run(lake, 2, params, cache=Path(d)/'cache')  # fills the cache
-        runs['lake, 2 workers, warm cache'] = _bench_run(lake, 2, params, cache=Path(d)/'cache')
-        if big: runs[f'{big:,} synthetic, 2 workers'] = _bench_run(synth_lake(lake, Path(d)/'big', big), 2, params)
-    base = runs['lake, 1 worker (baseline)']
-    for r in runs.values():
-        r.update(speed_vs_baseline=round(r['images_per_s'] / base['images_per_s'], 2),
-                 memory_vs_baseline=round(r['peak_mb'] / base['peak_mb'], 2))
-    res = dict(cpus=os.cpu_count(), runs=runs)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).with_suffix('.json').write_text(json.dumps(res, indent=2))
-    Path(out).with_suffix('.md').write_text(bench_table(runs))
-    return res
-
-def bench_table(runs:dict)->str:
-    "A markdown table of benchmark `runs`"
-    keys = ['images', 'seconds', 'images_per_s', 'peak_mb', 'speed_vs_baseline', 'memory_vs_baseline']
-    rows = [f"| {name} | " + ' | '.join(str(r[k]) for k in keys) + ' |' for name, r in runs.items()]
-    return '\n'.join(['| run | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|', *rows]) + '\n'
+def ingest_stage(params:Params=None, data_dir='data', out_dir='artifacts/ingest', metrics='metrics/ingest.json', cache_dir=None)->dict:
+    "The ingest stage: the manifest and split ledger of the lake snapshot `data_dir`, with `params.yaml`'s `ingest` knobs; writes the metrics"
+    P = params or load_params()
+    return write_metrics(metrics, ingest_lake(proj_path(data_dir), proj_path(out_dir), P.ingest, cache_dir))

@@ -36,9 +36,9 @@ def _write_json(p:Path, obj):
 class Registry:
     "The model registry at `path` (default: the `registry_dir` setting) for the model `name` (default: `registry`)"
     def __init__(self, path=None, name=None):
-        s = get_settings() if path is None or name is None else {}
-        self.name = name or s.get('registry', 'petpark-classifier')
-        self.dir = proj_path(path or s.get('registry_dir', 'registry'))/self.name
+        s = get_settings() if path is None or name is None else None
+        self.name = name or s.registry
+        self.dir = (proj_path(path) if path else site_path(s.registry_dir))/self.name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.state_path, self.audit_path = self.dir/'registry.json', self.dir/'audit.jsonl'
 

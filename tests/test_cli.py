@@ -26,7 +26,7 @@ def test_usage_and_help(env):
     r = petpark(env=env)
     assert r.returncode == 2 and 'ingest' in r.stderr and 'bench' in r.stderr
     r = petpark('ingest', '--help', env=env)
-    assert r.returncode == 0 and '--out-dir' in r.stdout
+    assert r.returncode == 0 and '--no-dvc' in r.stdout and 'dvc repro ingest' in r.stdout
 
 
 def test_unknown_benchmark(env):

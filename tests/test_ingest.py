@@ -3,12 +3,13 @@ import os
 from pathlib import Path
 import pandas as pd
 from PIL import Image
+from petpark.core import load_params, override
 from petpark.ingest import ingest_lake
 from conftest import TEST_LAKE, make_lake, tree_digest
 
 
 def run(lake, out, cache, **kw):
-    m = ingest_lake(lake, out, cache_dir=cache, **kw)
+    m = ingest_lake(lake, out, override(load_params().ingest, kw), cache_dir=cache)
     return m, pd.read_csv(Path(out)/'manifest.csv')
 
 
@@ -76,4 +77,4 @@ def test_missing_snapshot_is_a_clear_error(tmp_path):
     import pytest
     from petpark.core import PetparkError
     with pytest.raises(PetparkError, match='petpark data'):
-        ingest_lake(tmp_path/'nothing', tmp_path/'out', cache_dir=tmp_path/'cache')
+        ingest_lake(tmp_path/'nothing', tmp_path/'out', load_params().ingest, cache_dir=tmp_path/'cache')

@@ -2,15 +2,15 @@
 import json, subprocess
 import numpy as np, pandas as pd, pytest
 from petpark.core import PetparkError, load_params
-from petpark.ingest import ingest_lake
-from petpark.train import lesson_model
+from petpark.ingest import ingest_stage
 from petpark.evaluate import evaluate_folder
-from petpark.package import package_stage, onnx_session, onnx_predict, load_inputs
+from petpark.package import package_stage
 from petpark.registry import Registry
+from petpark.runtime import onnx_session, onnx_predict, Contract
+from petpark.testing import lesson_model, tiny_params
 from conftest import ROOT, TEST_LAKE, make_lake
 
-LENIENT = dict(min_accuracy=0.0, min_class_recall=0.0, max_recall_gap=1.0, max_share_gap=10.0)
-SMALL = dict(opset=18, parity_images=24, parity_atol=1e-4, calib_images=16, serve='int8', max_int8_drop=0.5)
+SMALL = dict(package__parity_images=24, package__calib_images=16, package__serve='int8', package__max_int8_drop=0.5)
 
 
 @pytest.fixture(scope='module')
@@ -20,12 +20,13 @@ def pk(tmp_path_factory):
     mp = pytest.MonkeyPatch(); mp.setenv('WANDB_MODE', 'disabled'); mp.setenv('PETPARK_REGISTRY_DIR', str(d/'registry'))
     lesson_model(d)
     lake = make_lake(d/'lake', 20)
-    ingest_lake(lake, d/'ingest', cache_dir=d/'cache')
-    ev = evaluate_folder(TEST_LAKE, d/'models', d/'valid_preds.csv', d/'eval', positive='Dog', **LENIENT)
+    P = tiny_params(lenient=True, **SMALL)
+    ingest_stage(P, lake, d/'ingest', d/'metrics/ingest.json', cache_dir=d/'cache')
+    ev = evaluate_folder(TEST_LAKE, P, d/'models', d/'valid_preds.csv', d/'eval')
     assert ev['gate']['passed']
-    params = dict(base=dict(seed=42), evaluate=dict(positive='Dog', **LENIENT), package=SMALL)
-    res = package_stage(d/'models', pd.read_csv(d/'ingest/manifest.csv'), lake, d/'package', d/'eval/metrics.json',
-                        d/'no_explain.json', params)
+    res = package_stage(P, d/'ingest/manifest.csv', lake, d/'models', d/'eval/metrics.json', d/'no_explain.json',
+                        d/'package', d/'metrics/package.json', d/'reports')
+    assert json.loads((d/'metrics/package.json').read_text()) == res and (d/'reports/06_package_card.html').exists()
     yield d, lake, ev, res
     mp.undo()
 
@@ -35,7 +36,7 @@ def test_onnx_matches_pytorch_and_int8_is_measured(pk):
     assert res['parity']['passed'] and res['parity']['max_abs_prob_diff'] <= 1e-4 and res['parity']['label_agreement'] == 1
     drop = res['accuracy']['fp32'] - res['accuracy']['int8']
     assert res['int8_drop'] == pytest.approx(drop, abs=1e-6)
-    assert res['served'] == ('fp32' if drop > SMALL['max_int8_drop'] else 'int8'), 'the served variant follows params and the drop'
+    assert res['served'] == ('fp32' if drop > SMALL['package__max_int8_drop'] else 'int8'), 'the served variant follows params and the drop'
     man = pd.read_csv(d/'ingest/manifest.csv'); paths = [lake/p for p in man[man.status == 'test'].path]
     p32, e32 = onnx_predict(onnx_session(d/'package/model.onnx'), paths, 64, bs=5)   # dynamic batch: 5s and a remainder
     p8, _ = onnx_predict(onnx_session(d/'package/model.int8.onnx'), paths, 64)
@@ -65,16 +66,17 @@ def test_packaged_model_is_registered_and_verified(pk):
     assert set(got['files']) == {'model.onnx', 'model.int8.onnx', 'serving.json', 'model_card.md'}
     serving = json.loads((d/'fetched/serving.json').read_text())
     assert serving['classes'] == ['Cat', 'Dog'] and serving['threshold'] == ev['threshold'] and serving['served'] in ('int8', 'fp32')
+    c = Contract.of(serving)  # the input contract travels with the version: a server needs no params.yaml
+    assert (c.formats, c.min_side, c.max_pixels) == (['JPEG', 'PNG', 'WEBP', 'BMP'], 32, 40_000_000)
 
 
 def test_failed_gate_is_refused(pk, tmp_path):
     d, lake, ev, res = pk
-    strict = evaluate_folder(TEST_LAKE, d/'models', d/'valid_preds.csv', tmp_path/'eval', **load_params()['evaluate'])
+    strict = evaluate_folder(TEST_LAKE, load_params(), d/'models', d/'valid_preds.csv', tmp_path/'eval')
     assert not strict['gate']['passed']
-    params = dict(base=dict(seed=42), evaluate=load_params()['evaluate'], package=SMALL)
     with pytest.raises(PetparkError, match='failed its evaluate gate'):
-        package_stage(d/'models', pd.read_csv(d/'ingest/manifest.csv'), lake, tmp_path/'package', tmp_path/'eval/metrics.json',
-                      tmp_path/'none.json', params)
+        package_stage(tiny_params(**SMALL), d/'ingest/manifest.csv', lake, d/'models', tmp_path/'eval/metrics.json',
+                      tmp_path/'none.json', tmp_path/'package', tmp_path/'metrics.json', tmp_path/'reports')
     assert not (tmp_path/'package/model.onnx').exists(), 'nothing is exported for a refused model'
 
 

@@ -1,9 +1,8 @@
 "Release on real servers: pre-production tests (failing and passing), QA approval, promotion to prod, rollback, the camera, the serving benchmark"
 import json, os, shutil, sqlite3, subprocess, time
 import httpx, pytest, yaml
-from petpark.preprod import Served
 from petpark.registry import Registry
-from petpark.package import lesson_package
+from petpark.testing import Served, lesson_package
 from conftest import ROOT, TEST_LAKE, venv_env
 
 

@@ -1,10 +1,9 @@
 "A real server on a free loopback port: predictions, hostile inputs, feedback, hot model switch under load, kill -9 durability, docs in a browser"
-import os, signal, sqlite3, threading, time
+import os, signal, sqlite3, subprocess, sys, threading, time
 from pathlib import Path
 import httpx, pytest
-from petpark.preprod import Served
 from petpark.registry import Registry
-from petpark.package import lesson_package
+from petpark.testing import Served, lesson_package
 from conftest import TEST_LAKE, venv_env
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
@@ -33,6 +32,14 @@ class Server(Served):
 @pytest.fixture(scope='module')
 def srv(reg):
     s = Server(reg[0]); yield s; s.stop()
+
+
+def test_the_server_imports_no_training_stack(env):
+    "Serving needs ONNX Runtime, not PyTorch: importing the server (and its runtime) loads no training library"
+    code = ("import sys, petpark.serve, petpark.runtime; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'fastai', 'scipy', 'pandas', 'sklearn', 'timm'}))")
+    r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == '[]', r.stdout + r.stderr
 
 
 def predict(url, *paths, client=httpx):

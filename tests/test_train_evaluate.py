@@ -2,13 +2,16 @@
 import json, subprocess
 import numpy as np, pandas as pd, pytest
 from petpark.core import PetparkError, load_params
-from petpark.ingest import ingest_lake
-from petpark.train import train_stage, read_wandb_run, find_wandb_runs
-from petpark.evaluate import evaluate_folder, check_gate, judge
+from petpark.ingest import ingest_stage
+from petpark.train import train_stage
+from petpark.evaluate import evaluate_folder
+from petpark.judge import check_gate, judge
+from petpark.testing import tiny_params, read_wandb_run, find_wandb_runs
 from conftest import ROOT, TEST_LAKE, make_lake
 
-TINY = dict(img_size=64, bs=16, max_train=60, freeze_epochs=1, epochs=1,
-            search=dict(lrs=[0.001, 0.003], subset=20, img_size=64, budget_s=120))
+# params.yaml's recipe with a budget of seconds (params.yaml's backbone, a tiny image size, two search trials)
+TINY = dict(train__backbone=load_params().train.backbone, train__bs=16, train__search__lrs=[0.001, 0.003],
+            train__search__subset=20, train__search__budget_s=120.0)
 
 
 @pytest.fixture(scope='module')
@@ -17,8 +20,10 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp('tiny')
     mp = pytest.MonkeyPatch(); mp.setenv('WANDB_DIR', str(d)); mp.setenv('PETPARK_WANDB_MODE', 'offline')
     lake = make_lake(d/'lake', 40)
-    ingest_lake(lake, d/'ingest', cache_dir=d/'cache')
-    res = train_stage(pd.read_csv(d/'ingest/manifest.csv'), lake, d/'models', d/'train', **TINY)
+    P = tiny_params(**TINY)
+    ingest_stage(P, lake, d/'ingest', d/'metrics/ingest.json', cache_dir=d/'cache')
+    res = train_stage(P, d/'ingest/manifest.csv', lake, d/'models', d/'train', d/'metrics/train.json')
+    assert json.loads((d/'metrics/train.json').read_text()) == res, 'the stage writes the metrics it returns'
     yield d, res
     mp.undo()
 
@@ -53,7 +58,7 @@ def test_wandb_offline_records_read_back(tiny):
 
 def test_bad_model_fails_the_gate_and_is_refused(tiny, tmp_path):
     d, _ = tiny
-    res = evaluate_folder(TEST_LAKE, d/'models', d/'train/valid_preds.csv', tmp_path/'eval', **load_params()['evaluate'])
+    res = evaluate_folder(TEST_LAKE, load_params(), d/'models', d/'train/valid_preds.csv', tmp_path/'eval')
     assert res['n'] > 20 and not res['gate']['passed'] and any('accuracy' in r for r in res['gate']['reasons'])
     assert {'roc.csv', 'pr.csv', 'calibration.csv', 'confusion.csv', 'preds.csv', 'metrics.json'} <= \
         {f.name for f in (tmp_path/'eval').iterdir()}
@@ -63,7 +68,7 @@ def test_bad_model_fails_the_gate_and_is_refused(tiny, tmp_path):
 
 def test_a_model_that_always_says_dog_is_called_biased():
     preds = pd.DataFrame(dict(label=['Cat']*50 + ['Dog']*50, p_Dog=0.9, p_Cat=0.1))
-    res, _ = judge(preds, None, ['Cat', 'Dog'], **load_params()['evaluate'])
+    res, _ = judge(preds, None, ['Cat', 'Dog'], load_params().evaluate)
     assert not res['gate']['passed']
     assert res['bias']['statement'].startswith('predicts dog 100.0% more often than it should')
     assert any('recall gap' in r for r in res['gate']['reasons'])
