@@ -42,7 +42,8 @@ def copy_repo(dst: Path) -> Path:
 def test_dvc_repro_end_to_end(tmp_path, env):
     repo, lake = copy_repo(tmp_path/'repo'), make_lake(tmp_path/'lake', 30)
     before = tree_digest(lake)
-    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'),
+    env.pop('WANDB_DIR', None)
+    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'), WANDB_MODE='offline',
                GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
     set_params(repo/'params.yaml', **TINY)
     sh('git init -q && git add -A && git commit -qm base', repo, env)
@@ -68,7 +69,8 @@ def test_dvc_repro_end_to_end(tmp_path, env):
 
     # with limits it can meet, the same model is explained, packaged and registered
     set_params(repo/'params.yaml', **LENIENT)
-    sh('dvc repro', repo, env)
+    out = sh('dvc repro', repo, env)
+    assert 'Passed unknown parameter' not in out, 'each notebook is handed only the params file and its paths'
     pk = json.loads((repo/'metrics/package.json').read_text())
     assert pk['parity']['passed'] and pk['registered']['version'] == 'v1'
     for f in ['artifacts/package/model.onnx', 'artifacts/package/model.int8.onnx', 'reports/06_package_card.html',
@@ -80,10 +82,18 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     assert tree_digest(lake) == before, 'the lake must stay byte-for-byte unchanged'
 
     # an experiment with one knob changed is compared with the baseline by `dvc exp show`
+    # it runs in DVC's temporary copy of the repo, and this site's state survives it: its W&B runs and its
+    # registered version land in the workspace it was started from, not in the copy DVC deletes
     sh("git add -A && git commit -qm 'tiny run'", repo, env)
-    sh('dvc exp run -n lr-001 -S train.search.lrs=[] -S train.lr=0.001', repo, env)
+    runs = lambda: set((repo/'wandb').glob('offline-run-*'))
+    before = runs()
+    sh('dvc exp run --temp -n lr-001 -S train.search.lrs=[] -S train.lr=0.001', repo, env)
     table = sh('dvc exp show --csv', repo, env)
     assert 'lr-001' in table and 'accuracy' in table
+    assert len(runs() - before) == 1, 'the experiment final fit is recorded here once'
+    reg = json.loads((repo/'registry/petpark-classifier/registry.json').read_text())
+    assert list(reg['versions']) == ['v1', 'v2'], 'the experiment model is registered here, once'
+    assert not list((repo/'.dvc/tmp/exps').rglob('registry.json')), 'nothing is left in the temporary copy'
 
     # a changed lake shows as changed data, and `petpark data` brings it in
     shutil.copy(lake/'Cat/1.jpg', lake/'Cat/1_copy.jpg')
