@@ -33,7 +33,7 @@ def data(root:str=None): # project folder (default: the one around the current d
     before = dvcfile.read_text() if dvcfile.exists() else ''
     if same: _dvc('update', 'data.dvc', root=root)
     else: _dvc('import-url', '--force', os.path.relpath(lake, root), 'data', root=root)
-    _dvc('unfreeze', 'data.dvc', root=root)  # so `dvc status` shows, and `dvc repro` takes, a changed lake
+    _dvc('freeze', 'data.dvc', root=root)  # repro and experiments use the pinned snapshot; `petpark data` takes a new one
     changed = dvcfile.read_text() != before
     print(f"data/ holds the lake at {lake} ({'changed: commit data.dvc' if changed else 'unchanged'})")
 

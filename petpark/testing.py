@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TEST_LAKE', 'TINY', 'LENIENT', 'tiny_params', 'lesson_model', 'lesson_package', 'free_port', 'Served',
-           'read_wandb_run', 'find_wandb_runs']
+           'read_wandb_run', 'find_wandb_runs', 'trim_outputs']
 
 # %% ../nbs/91_testing.ipynb #3a11d961
 import json, os, socket, struct, subprocess, tempfile, time
@@ -115,3 +115,17 @@ def find_wandb_runs(root=None)->list:
     "Offline W&B run logs under `root` (default: `WANDB_DIR` or this site's root), oldest first"
     root = Path(root or os.environ.get('WANDB_DIR') or site_root())
     return sorted(root.glob('wandb/offline-run-*/run-*.wandb'))
+
+# %% ../nbs/91_testing.ipynb #ded7e541
+def trim_outputs(nbs='nbs', max_bytes:int=100_000)->list:
+    "Drop every output representation over `max_bytes` from the notebooks in `nbs`, keeping text/plain; the notebooks changed"
+    changed = []
+    for f in sorted(proj_path(nbs).glob('[!_.]*.ipynb')):
+        nb, hit = json.loads(f.read_text()), False
+        for c in nb['cells']:
+            for o in c.get('outputs', []):
+                data = o.get('data', {})
+                for k in [k for k, v in data.items() if k != 'text/plain' and len(json.dumps(v)) > max_bytes]:
+                    del data[k]; hit = True
+        if hit: f.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n'); changed.append(f.name)
+    return changed
