@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test install data clean
+.PHONY: run test install data lessons clean
 
 # torch first, pinned, so pip takes this machine's local build instead of resolving a newer one
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,12 @@ run: data
 test: install
 	nbdev-test
 	python -m pytest -q
+
+# the notebooks' lesson outputs, kept in git so that they read as documentation (big outputs trimmed)
+lessons: install
+	nbdev-test --n-workers 2 --save
+	python -c "from petpark.testing import trim_outputs; print('trimmed:', trim_outputs())"
+	nbdev-clean
 
 clean:
 	rm -rf $(VENV) .cache

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'COMMANDS', 'data', 'run_stage', 'ingest', 'eda', 'train', 'evaluate', 'explain', 'package', 'repro',
-           'registry', 'serve', 'preprod_test', 'camera', 'bench', 'main']
+           'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'bench', 'main']
 
 # %% ../nbs/90_cli.ipynb #d942538e
-import importlib, json, os, shutil, subprocess, sys
+import importlib, json, os, shutil, subprocess, sys, time
 import yaml
 from pathlib import Path
 from typing import Annotated
@@ -204,6 +204,31 @@ def camera(images:str, # a folder of photos (Cat/ and Dog/ subfolders let --feed
     res = stream(_api_url(url), images, rate, count, loop, feedback, say=(lambda m: None) if quiet else print)
     print(json.dumps(res))
 
+# %% ../nbs/90_cli.ipynb #55322b08
+def _when(s:str, name:str)->float:
+    "Epoch seconds of an ISO date or date-time `s` (local time)"
+    from datetime import datetime
+    try: return datetime.fromisoformat(s).timestamp()
+    except ValueError: raise PetparkError(f'--{name} {s!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM') from None
+
+@call_parse
+def monitor(since:str=None, # window start, YYYY-MM-DD[THH:MM] (default: --last hours before --until)
+            until:str=None, # window end (default: now)
+            last:float=None, # window length in hours (default: params.yaml monitor.window_hours)
+            db_url:str=None, # the inference log (default: the db_url setting)
+            json:store_true=False): # print the checks and alerts as JSON instead of words
+    "Check production: integrity, data drift, prediction drift and bias, model drift from feedback, telemetry; store and post alerts"
+    from petpark.monitor import run_monitor, monitor_text
+    from petpark.serve import db_path
+    P, s = load_params(), get_settings()
+    end = _when(until, 'until') if until else time.time()
+    start = _when(since, 'since') if since else end - 3600*(last or P.monitor.window_hours)
+    db = db_path(db_url)
+    if not db.exists(): raise PetparkError(f'no inference log at {db}: serve first (`petpark serve`) or pass --db-url')
+    res = run_monitor(db, start, end, P.monitor, s.alert_webhook)
+    import json as js  # the module, which the `--json` flag's name hides here
+    print(js.dumps(res, indent=2, default=str) if json else monitor_text(res))
+
 # %% ../nbs/90_cli.ipynb #8438df3f
 @call_parse
 def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
@@ -241,7 +266,7 @@ def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
 
 # %% ../nbs/90_cli.ipynb #6ed5165f
 COMMANDS = {'data': data, 'ingest': ingest, 'eda': eda, 'train': train, 'evaluate': evaluate, 'explain': explain, 'package': package,
-            'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'bench': bench}
+            'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'monitor': monitor, 'bench': bench}
 
 def main(argv:list=None)->int:
     "Entry point of `petpark`: dispatch to a sub-command; user errors become one line and exit code 2"

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings', 'site_root', 'site_path',
            'lake_path', 'BaseParams', 'IngestParams', 'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams',
-           'ExplainParams', 'PackageParams', 'PreprodParams', 'Params', 'load_params', 'override', 'write_metrics',
-           'get_logger', 'sha256_bytes', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
+           'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'Params', 'load_params', 'override',
+           'write_metrics', 'get_logger', 'sha256_bytes', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, hashlib, io, json, logging, os, sys
@@ -65,6 +65,7 @@ class Settings:
     registry:str; registry_dir:str               # the model registry: its name and folder
     db_url:str                                   # the inference log
     serve_host:str; serve_port:int; serve_reload_s:float; serve_max_bytes:int; serve_max_files:int
+    alert_webhook:str=''                         # where `petpark monitor` posts new alerts (empty: nowhere)
     admin_token:str=''                           # secret: set PETPARK_ADMIN_TOKEN, never the file
 
 def get_settings(root=None)->Settings:
@@ -74,7 +75,7 @@ def get_settings(root=None)->Settings:
     cp.read(f)
     if not cp.has_section('petpark'): raise PetparkError(f'{f} has no [petpark] section: restore it from git')
     s = dict(cp['petpark'])
-    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in s | {'admin_token': ''}}
+    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in s | {'admin_token': '', 'alert_webhook': ''}}
     return from_dict(Settings, s | env, f"{f.name} (or its PETPARK_* environment variables)", text=True)
 
 # %% ../nbs/00_core.ipynb #8a1f6a24
@@ -127,7 +128,8 @@ class EvaluateParams:
 class ExplainParams: right_per_class:int; wrong_per_class:int; max_evals:int; batch_size:int
 
 @dataclass(frozen=True)
-class PackageParams: opset:int; parity_images:int; parity_atol:float; calib_images:int; serve:str; max_int8_drop:float
+class PackageParams:
+    opset:int; parity_images:int; parity_atol:float; calib_images:int; serve:str; max_int8_drop:float; reference_images:int
 
 @dataclass(frozen=True)
 class PreprodParams:
@@ -135,10 +137,15 @@ class PreprodParams:
     load_requests:int; load_concurrency:int; max_p99_ms:float
 
 @dataclass(frozen=True)
+class MonitorParams:
+    window_hours:float; min_photos:int; alpha:float; pca_dims:int; permutations:int; max_embeddings:int
+    max_refused_share:float; max_share_shift:float; max_share_gap:float; min_feedback:int; min_accuracy:float; max_p99_ms:float
+
+@dataclass(frozen=True)
 class Params:
     "Every knob of the science: `params.yaml`, one section per stage plus `base`"
     base:BaseParams; ingest:IngestParams; eda:EdaParams; train:TrainParams; evaluate:EvaluateParams
-    explain:ExplainParams; package:PackageParams; preprod:PreprodParams
+    explain:ExplainParams; package:PackageParams; preprod:PreprodParams; monitor:MonitorParams
 
 # %% ../nbs/00_core.ipynb #ba19d541
 def load_params(path='params.yaml')->Params:

@@ -14,7 +14,8 @@ from .core import *
 from .judge import check_gate
 from .model import load_served
 from .registry import Registry, file_hashes
-from .runtime import Contract, load_inputs, onnx_session, onnx_predict, threshold_labels
+from .runtime import Contract, LoadedModel, load_inputs, onnx_session, onnx_predict, threshold_labels
+from .monitor import build_reference, save_reference
 
 # %% ../nbs/06_package.ipynb #02430577
 def export_onnx(served, path:Path, img_size:int, opset:int=18)->Path:
@@ -174,8 +175,8 @@ def card_html(card)->str:
 # %% ../nbs/06_package.ipynb #4ebd7cf1
 def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', model_dir='models',
                   eval_metrics='metrics/evaluate.json', explain_metrics='metrics/explain.json', out_dir='artifacts/package',
-                  metrics='metrics/package.json', report_dir='reports')->dict:
-    "Gate check, ONNX export, parity, int8, test accuracy of both, `serving.json`, model card, registration: the package stage"
+                  metrics='metrics/package.json', report_dir='reports', valid_preds='artifacts/train/valid_preds.csv')->dict:
+    "Gate check, ONNX export, parity, int8, test accuracy of both, `serving.json`, the monitors' reference, model card, registration"
     P = params or load_params(); pk, seed = P.package, P.base.seed
     check_gate(eval_metrics)
     ev = json.loads(proj_path(eval_metrics).read_text())
@@ -196,12 +197,17 @@ def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', 
     acc = {k: variant_accuracy(onnx_session(f), paths, labels, c)['accuracy'] for k, f in [('fp32', fp32), ('int8', int8)]}
     served_name, why = choose_variant(acc, pk.serve, pk.max_int8_drop)
     (out/'serving.json').write_text(json.dumps(serving_meta(meta, P, ev['threshold'], served_name, ev['gate'], files), indent=2))
+    ref_rows = man[man.status == 'train'].sample(n=min(pk.reference_images, int((man.status == 'train').sum())), random_state=seed + 1)
+    vp = proj_path(valid_preds)
+    ref = build_reference(LoadedModel({'serving.json': out/'serving.json', fp32.name: fp32, int8.name: int8}), [data_root/p for p in ref_rows.path],
+                          pd.read_csv(vp) if vp.exists() else None)
+    save_reference(ref, out/'reference.npz')
     res = dict(parity=par, accuracy=acc, pytorch_accuracy=ev['accuracy'], int8_drop=round(acc['fp32'] - acc['int8'], 6),
-               served=served_name, served_reason=why, files=file_hashes([fp32, int8, out/'serving.json']))
+               served=served_name, served_reason=why, reference_photos=len(ref_rows), files=file_hashes([fp32, int8, out/'serving.json']))
     card = model_card(meta, ev, res, ex, P)
     card.save(out/'model_card.md')
     reg = Registry()
-    v = reg.register([fp32, int8, out/'serving.json', out/'model_card.md'], dict(gate=ev['gate'], accuracy=acc, served=served_name))
+    v = reg.register([fp32, int8, out/'serving.json', out/'model_card.md', out/'reference.npz'], dict(gate=ev['gate'], accuracy=acc, served=served_name))
     res['registered'] = dict(name=reg.name, version=v['version'], model_hash=v['hash'])
     rd = proj_path(report_dir); rd.mkdir(parents=True, exist_ok=True)
     shutil.copy(out/'model_card.md', rd/'06_package_card.md')

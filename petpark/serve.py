@@ -56,7 +56,8 @@ class ModelHolder:
 LOG_SCHEMA = '''CREATE TABLE IF NOT EXISTS predictions(
   request_id TEXT, item INT, time REAL, model_version TEXT, model_hash TEXT, variant TEXT, input_sha256 TEXT,
   filename TEXT, format TEXT, width INT, height INT, brightness REAL, contrast REAL, embedding BLOB,
-  label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, PRIMARY KEY (request_id, item))'''
+  label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, PRIMARY KEY (request_id, item));
+CREATE TABLE IF NOT EXISTS refusals(time REAL, problem TEXT, status INT, filename TEXT, bytes INT)'''
 
 def db_path(url:str=None)->Path:
     "The SQLite file of the inference log from a `sqlite:///path` URL (default: the `db_url` setting)"
@@ -70,7 +71,7 @@ class InferenceLog:
         self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
         self.con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self.con.execute('PRAGMA journal_mode=WAL'); self.con.execute('PRAGMA synchronous=FULL')
-        self.con.execute(LOG_SCHEMA)
+        self.con.executescript(LOG_SCHEMA)
         self.lock = threading.Lock()
 
     def write(self, rows:list):
@@ -79,6 +80,10 @@ class InferenceLog:
             self.con.execute('BEGIN')
             self.con.executemany(f"INSERT INTO predictions({','.join(cols)}) VALUES ({','.join('?'*len(cols))})", [tuple(r.values()) for r in rows])
             self.con.execute('COMMIT')
+
+    def refusal(self, problem:str, status:int, filename:str=None, size:int=None):
+        "Log one refused input: what was wrong with it, never its bytes (the monitors count refusals by problem)"
+        with self.lock: self.con.execute('INSERT INTO refusals VALUES (?,?,?,?,?)', (time.time(), problem, status, filename, size))
 
     def feedback(self, request_id:str, label:str, item=None)->int:
         q, args = 'UPDATE predictions SET feedback=?, feedback_time=? WHERE request_id=?', [label, time.time(), request_id]
@@ -163,7 +168,9 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
             if not files: raise BadInput(422, 'no_files', 'no photo in the request; send multipart files or an image body')
             photos = await run_in_threadpool(check, model, files)
         except BadInput as e:
-            m['requests'].labels('predict', e.status).inc(); return _err(e, m)
+            m['requests'].labels('predict', e.status).inc()
+            await run_in_threadpool(log.refusal, e.code, e.status, e.file)
+            return _err(e, m)
         probs, emb, labels, model_ms = await run_in_threadpool(run, model, photos)
         rid, now = uuid.uuid4().hex, time.time()
         latency = (time.perf_counter() - t0)*1000

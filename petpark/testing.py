@@ -35,13 +35,17 @@ def lesson_model(out_dir, img_size:int=64, tta:bool=True)->Path:
     items = pd.DataFrame(dict(path=[f'{l}/{i}.jpg' for l in ['Cat', 'Dog'] for i in range(1, 13)],
                               label=[l for l in ['Cat', 'Dog'] for _ in range(12)], is_valid=[i % 4 == 0 for i in range(24)]))
     p = tiny_params(train__img_size=img_size, train__bs=4, train__freeze_epochs=1, train__epochs=1, train__tta=tta).train
-    learn, _, _ = fine_tune_model(items, lake, p, 1e-3, seed=42)
+    old = os.environ.get('PETPARK_WANDB_MODE'); os.environ['PETPARK_WANDB_MODE'] = 'disabled'  # a lesson's fit is no experiment:
+    try: learn, _, _ = fine_tune_model(items, lake, p, 1e-3, seed=42)                         # it leaves no W&B run in the site's records
+    finally:
+        if old is None: del os.environ['PETPARK_WANDB_MODE']
+        else: os.environ['PETPARK_WANDB_MODE'] = old
     save_model(learn, out/'models', img_size, p.backbone, dict(tta=tta))
     predict_items(learn, items[items.is_valid], lake, tta=tta).to_csv(out/'valid_preds.csv', index=False)
     return out
 
 def lesson_package(root, name:str='pkg', tta:bool=True, int8:bool=False)->list:
-    "The tiny lesson model (trained once into `root/models`) packaged in `root/name` as the package stage packages: its files"
+    "The tiny lesson model (trained once into `root/models`) packaged in `root/name` as the package stage packages (with a reference of the test lake's photos): its files"
     from petpark.model import load_served
     from petpark.package import export_onnx, quantize_int8, serving_meta
     root = Path(root)
@@ -56,7 +60,12 @@ def lesson_package(root, name:str='pkg', tta:bool=True, int8:bool=False)->list:
     P = load_params()
     sv = serving_meta({**meta, 'tta': tta}, P, threshold=0.5, served='fp32', gate={'passed': True, 'reasons': []}, files=files)
     (out/'serving.json').write_text(json.dumps(sv, indent=2))
-    return [out/f for f in files.values()] + [out/'serving.json']
+    from petpark.monitor import build_reference, save_reference
+    from petpark.runtime import load_dir
+    lake = proj_path(TEST_LAKE)
+    ref = build_reference(load_dir(out), [lake/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)], pd.read_csv(root/'valid_preds.csv'))
+    save_reference(ref, out/'reference.npz')
+    return [out/f for f in files.values()] + [out/'serving.json', out/'reference.npz']
 
 # %% ../nbs/91_testing.ipynb #c875ed5c
 def free_port()->int:
