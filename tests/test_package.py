@@ -6,6 +6,7 @@ from petpark.ingest import ingest_stage
 from petpark.evaluate import evaluate_folder
 from petpark.package import package_stage
 from petpark.registry import Registry
+from petpark.monitor import load_reference
 from petpark.runtime import onnx_session, onnx_predict, Contract
 from petpark.testing import lesson_model, tiny_params
 from conftest import ROOT, TEST_LAKE, make_lake
@@ -63,9 +64,11 @@ def test_packaged_model_is_registered_and_verified(pk):
     v = reg.resolve(res['registered']['version'])
     assert v['hash'] == res['files']['model.onnx'] and v['gate']['passed']
     got = reg.fetch(v['hash'][:10], d/'fetched')
-    assert set(got['files']) == {'model.onnx', 'model.int8.onnx', 'serving.json', 'model_card.md'}
+    assert set(got['files']) == {'model.onnx', 'model.int8.onnx', 'serving.json', 'model_card.md', 'reference.npz'}
     serving = json.loads((d/'fetched/serving.json').read_text())
     assert serving['classes'] == ['Cat', 'Dog'] and serving['threshold'] == ev['threshold'] and serving['served'] in ('int8', 'fp32')
+    ref = load_reference(d/'fetched/reference.npz')  # and so does the monitors' reference
+    assert ref['embedding'].shape == (res['reference_photos'], 512) and ref['confusion'].shape == (2, 2) and len(ref['p_pos']) == res['reference_photos']
     c = Contract.of(serving)  # the input contract travels with the version: a server needs no params.yaml
     assert (c.formats, c.min_side, c.max_pixels) == (['JPEG', 'PNG', 'WEBP', 'BMP'], 32, 40_000_000)
 
