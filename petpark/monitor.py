@@ -70,9 +70,9 @@ def mmd_test(x:np.ndarray, y:np.ndarray, permutations:int=200, seed:int=0)->tupl
         hits += int((((v@k)*v).sum(1) >= obs - 1e-12).sum())
     return obs, (1 + hits)/(1 + permutations)
 
-def pca_fit(ref:np.ndarray, dims:int)->tuple:
-    "(mean, components) of a PCA of the reference embeddings"
-    mu = ref.mean(0); _, _, vt = np.linalg.svd(ref - mu, full_matrices=False)
+def pca_fit(z:np.ndarray, dims:int)->tuple:
+    "(mean, components) of a PCA of embeddings `z`"
+    mu = z.mean(0); _, _, vt = np.linalg.svd(z - mu, full_matrices=False)
     return mu, vt[:dims]
 
 def holm(pvals:dict)->dict:
@@ -104,8 +104,9 @@ def drift_checks(df:pd.DataFrame, emb:pd.DataFrame, ref:dict, positive:str, p:Mo
     "Data drift: MMD on a PCA projection of the embeddings, KS on brightness, contrast and p(positive); Holm-corrected"
     if len(df) < p.min_photos:
         return [_chk('data drift', 'n/a', f'{len(df)} photos in the window: at least {p.min_photos} are needed to judge drift')]
-    mu, comp = pca_fit(ref['embedding'], p.pca_dims)
-    x = (np.stack(emb.embedding.values) - mu)@comp.T; r = (ref['embedding'] - mu)@comp.T
+    e = np.stack(emb.embedding.values)
+    mu, comp = pca_fit(np.vstack([ref['embedding'], e]), p.pca_dims)  # on the pooled sample, so the permutation test stays exact
+    x = (e - mu)@comp.T; r = (ref['embedding'] - mu)@comp.T
     mmd, p_mmd = mmd_test(r, x, p.permutations)
     p_pos = np.array([json.loads(s)[positive] for s in df.probs])
     ks = {k: stats.ks_2samp(ref[rk], v) for k, rk, v in [('brightness', 'brightness', df.brightness), ('contrast', 'contrast', df.contrast),
