@@ -42,7 +42,7 @@ def load_reference(path)->dict:
 _COLS = 'rowid, request_id, item, time, model_version, filename, brightness, contrast, label, probs, latency_ms, feedback'
 
 def read_window(db, since:float, until:float, max_embeddings:int=1000, seed:int=0)->tuple:
-    "(predictions, embeddings of a sample of them, refusals) logged in `db` from `since` to `until` (epoch seconds)"
+    "(predictions with a `p_<class>` column per class, embeddings of a sample of them, refusals) logged in `db` from `since` to `until` (epoch seconds)"
     con = sqlite3.connect(f'file:{Path(db)}?mode=ro', uri=True)
     try:
         df = pd.read_sql_query(f'SELECT {_COLS} FROM predictions WHERE time >= ? AND time < ? ORDER BY time', con, params=(since, until))
@@ -54,6 +54,7 @@ def read_window(db, since:float, until:float, max_embeddings:int=1000, seed:int=
         rows = con.execute(f"SELECT rowid, embedding FROM predictions WHERE rowid IN ({','.join(map(str, ids))})").fetchall() if len(ids) else []
     finally: con.close()
     emb = pd.DataFrame({'rowid': [r[0] for r in rows], 'embedding': [np.frombuffer(r[1], np.float32) for r in rows]})
+    if len(df): df = df.join(pd.DataFrame([json.loads(s) for s in df.probs], index=df.index).add_prefix('p_'))  # parsed once, for every check
     return df, emb, ref
 
 # %% ../nbs/07_monitor.ipynb #5c6c0751
@@ -108,7 +109,7 @@ def drift_checks(df:pd.DataFrame, emb:pd.DataFrame, ref:dict, positive:str, p:Mo
     mu, comp = pca_fit(np.vstack([ref['embedding'], e]), p.pca_dims)  # on the pooled sample, so the permutation test stays exact
     x = (e - mu)@comp.T; r = (ref['embedding'] - mu)@comp.T
     mmd, p_mmd = mmd_test(r, x, p.permutations)
-    p_pos = np.array([json.loads(s)[positive] for s in df.probs])
+    p_pos = df[f'p_{positive}'].values
     ks = {k: stats.ks_2samp(ref[rk], v) for k, rk, v in [('brightness', 'brightness', df.brightness), ('contrast', 'contrast', df.contrast),
                                                           (f'p({positive.lower()})', 'p_pos', p_pos)]}
     raw = {'embeddings (MMD)': p_mmd, **{k: float(t.pvalue) for k, t in ks.items()}}
@@ -153,7 +154,7 @@ def prediction_checks(df:pd.DataFrame, ref:dict, positive:str, p:MonitorParams)-
 # %% ../nbs/07_monitor.ipynb #881aa4bd
 def model_checks(df:pd.DataFrame, positive:str, p:MonitorParams)->list:
     "Model drift: accuracy and per-class recall from staff feedback with 95% intervals, beside the label-free estimate (mean confidence)"
-    conf = float(np.mean([max(json.loads(s).values()) for s in df.probs])) if len(df) else float('nan')
+    conf = float(df.filter(regex='^p_').max(axis=1).mean()) if len(df) else float('nan')
     fb = df[df.feedback.notna()]
     if len(fb) < p.min_feedback:
         return [_chk('model drift', 'n/a', f'{len(fb)} photos with staff feedback (at least {p.min_feedback} needed); label-free estimate of '
