@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'COMMANDS', 'data', 'run_stage', 'ingest', 'eda', 'train', 'evaluate', 'explain', 'package', 'repro',
-           'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'bench', 'main']
+           'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'retrain', 'lineage', 'bench', 'main']
 
 # %% ../nbs/90_cli.ipynb #d942538e
 import importlib, json, os, shutil, subprocess, sys, time
@@ -215,19 +215,54 @@ def _when(s:str, name:str)->float:
 def monitor(since:str=None, # window start, YYYY-MM-DD[THH:MM] (default: --last hours before --until)
             until:str=None, # window end (default: now)
             last:float=None, # window length in hours (default: params.yaml monitor.window_hours)
+            stage:str='prod', # the servers whose log is checked: prod, staging, or all
             db_url:str=None, # the inference log (default: the db_url setting)
+            export:str=None, # write the window (log rows, served version's reference) to this folder for the DVC stage, check nothing
             json:store_true=False): # print the checks and alerts as JSON instead of words
     "Check production: integrity, data drift, prediction drift and bias, model drift from feedback, telemetry; store and post alerts"
-    from petpark.monitor import run_monitor, monitor_text
+    from petpark.monitor import run_monitor, monitor_text, export_window
     from petpark.serve import db_path
     P, s = load_params(), get_settings()
     end = _when(until, 'until') if until else time.time()
     start = _when(since, 'since') if since else end - 3600*(last or P.monitor.window_hours)
-    db = db_path(db_url)
-    if not db.exists(): raise PetparkError(f'no inference log at {db}: serve first (`petpark serve`) or pass --db-url')
-    res = run_monitor(db, start, end, P.monitor, s.alert_webhook)
+    if stage not in ('prod', 'staging', 'all'): raise PetparkError(f'--stage {stage!r}: use prod, staging or all')
+    st, db = None if stage == 'all' else stage, db_path(db_url)
     import json as js  # the module, which the `--json` flag's name hides here
+    if export:
+        info = export_window(db, proj_path(export), start, end, st)
+        return print(f"{export}: {info['photos']} photos served by {info['version'] or 'no version'} on {stage} servers" + ('' if db.exists() else f' (no inference log at {db} yet)'))
+    if not db.exists(): raise PetparkError(f'no inference log at {db}: serve first (`petpark serve`) or pass --db-url')
+    res = run_monitor(db, start, end, P.monitor, s.alert_webhook, stage=st)
     print(js.dumps(res, indent=2, default=str) if json else monitor_text(res))
+
+# %% ../nbs/90_cli.ipynb #22f0b19e
+@call_parse
+def retrain(held:store_true=False, # list the labels held for review, retrain nothing
+            confirm:str=None, # a held label's photo sha256 (a prefix will do): train on it after all
+            reject:str=None, # a held label's photo sha256: never train on it
+            db_url:str=None, # the inference log (default: the db_url setting)
+            by:str=None): # who acts (default: PETPARK_USER, else the login name)
+    "Retrain on staff feedback: a new lake batch, data.dvc pinned, dvc repro, staging, pre-production test; then it waits for QA"
+    from petpark.govern import retrain as run, new_labels, review
+    from petpark.serve import db_path
+    db = db_path(db_url)
+    if held:
+        h = new_labels(db, load_params().retrain.hold_confidence)[1]
+        return print(h[['input_sha256', 'label', 'predicted', 'confidence', 'request_id']].to_string(index=False) if len(h) else 'no labels are held for review')
+    if confirm or reject: return print(review(db, confirm or reject, 'confirmed' if confirm else 'rejected', by))
+    res = run(db, by=by)
+    print(f"{res['version']} is in staging, " + ('passed pre-production and awaits QA approval' if res['preprod_passed'] else 'FAILED pre-production') + f"\nnext: {res['next']}")
+
+@call_parse
+def lineage(request_id:str, # the request_id of a /predict answer (it is in the inference log)
+            db_url:str=None, # the inference log (default: the db_url setting)
+            json:store_true=False): # print it as JSON
+    "Walk one prediction back to its model version, registry record and approvals, training run, git commit, data version, manifest and params"
+    from petpark.govern import lineage as walk, lineage_text
+    from petpark.serve import db_path
+    l = walk(request_id, db_path(db_url))
+    import json as js
+    print(js.dumps(l, indent=2, default=str) if json else lineage_text(l))
 
 # %% ../nbs/90_cli.ipynb #8438df3f
 @call_parse
@@ -266,7 +301,8 @@ def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
 
 # %% ../nbs/90_cli.ipynb #6ed5165f
 COMMANDS = {'data': data, 'ingest': ingest, 'eda': eda, 'train': train, 'evaluate': evaluate, 'explain': explain, 'package': package,
-            'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'monitor': monitor, 'bench': bench}
+            'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'monitor': monitor, 'retrain': retrain, 'lineage': lineage,
+            'bench': bench}
 
 def main(argv:list=None)->int:
     "Entry point of `petpark`: dispatch to a sub-command; user errors become one line and exit code 2"

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings', 'site_root', 'site_path',
            'lake_path', 'BaseParams', 'IngestParams', 'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams',
-           'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'Params', 'load_params', 'override',
-           'write_metrics', 'get_logger', 'sha256_bytes', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
+           'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams', 'Params', 'load_params',
+           'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, hashlib, io, json, logging, os, sys
@@ -67,6 +67,10 @@ class Settings:
     serve_host:str; serve_port:int; serve_reload_s:float; serve_max_bytes:int; serve_max_files:int
     alert_webhook:str=''                         # where `petpark monitor` posts new alerts (empty: nowhere)
     admin_token:str=''                           # secret: set PETPARK_ADMIN_TOKEN, never the file
+    staff_token:str=''                           # secret for POST /feedback (labels become training data): PETPARK_STAFF_TOKEN
+    photo_dir:str=''                             # the server's content-addressed copy of the photos it labelled (empty: beside the log)
+    photo_keep_days:float=30                     # retention: older photos without staff feedback are deleted
+    host_every_s:float=60                        # the server records the host's CPU, memory, disk and temperature this often
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"
@@ -75,7 +79,7 @@ def get_settings(root=None)->Settings:
     cp.read(f)
     if not cp.has_section('petpark'): raise PetparkError(f'{f} has no [petpark] section: restore it from git')
     s = dict(cp['petpark'])
-    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in s | {'admin_token': '', 'alert_webhook': ''}}
+    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in s | {'admin_token': '', 'alert_webhook': '', 'staff_token': ''}}
     return from_dict(Settings, s | env, f"{f.name} (or its PETPARK_* environment variables)", text=True)
 
 # %% ../nbs/00_core.ipynb #8a1f6a24
@@ -140,12 +144,17 @@ class PreprodParams:
 class MonitorParams:
     window_hours:float; min_photos:int; alpha:float; pca_dims:int; permutations:int; max_embeddings:int
     max_refused_share:float; max_share_shift:float; max_share_gap:float; min_feedback:int; min_accuracy:float; max_p99_ms:float
+    max_cpu_pct:float; max_mem_pct:float; max_disk_pct:float; max_temp_c:float
+
+@dataclass(frozen=True)
+class RetrainParams:
+    hold_confidence:float; min_photos:int
 
 @dataclass(frozen=True)
 class Params:
     "Every knob of the science: `params.yaml`, one section per stage plus `base`"
     base:BaseParams; ingest:IngestParams; eda:EdaParams; train:TrainParams; evaluate:EvaluateParams
-    explain:ExplainParams; package:PackageParams; preprod:PreprodParams; monitor:MonitorParams
+    explain:ExplainParams; package:PackageParams; preprod:PreprodParams; monitor:MonitorParams; retrain:RetrainParams
 
 # %% ../nbs/00_core.ipynb #ba19d541
 def load_params(path='params.yaml')->Params:

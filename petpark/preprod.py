@@ -259,10 +259,12 @@ def write_report(res:dict, out)->Path:
 
 # %% ../nbs/82_preprod.ipynb #6b426fbb
 def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedback:float=0.0, seed:int=0,
-           classes=('Cat', 'Dog'), say=print, timeout:float=30)->dict:
+           classes=('Cat', 'Dog'), say=print, timeout:float=30, staff_token:str=None)->dict:
     "Stream the photos under `images` to `/predict` at `rate` per second (`count` of them, 0: all; `loop`: start again)"
     root, url = Path(images), url.rstrip('/')
     if not root.is_dir(): raise PetparkError(f'no folder at {root}: pass a folder of photos (Cat/ and Dog/ subfolders make feedback possible)')
+    token = get_settings().staff_token if staff_token is None else staff_token
+    if feedback and not token: raise PetparkError('--feedback posts staff labels, which need the staff token: set PETPARK_STAFF_TOKEN')
     api_info(url)
     rng, tally = random.Random(seed), dict(sent=0, predicted=0, refused={}, failed=0, feedback=0, right=0, wrong=0)
     walk = lambda: ((root/rel, label) for rel, label in walk_lake(root, list(classes)) if not is_litter(Path(rel).name))
@@ -289,6 +291,8 @@ def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedba
             if label: tally['right' if pr['label'] == label else 'wrong'] += 1
             say(f"{p.relative_to(root)}: {pr['label']} {max(pr['probs'].values()):.1%} ({j['model_version']}, {j['latency_ms']:.0f} ms)")
             if label and rng.random() < feedback:
-                c.post(url + '/feedback', json=dict(request_id=j['request_id'], label=label, item=0)); tally['feedback'] += 1
+                f = c.post(url + '/feedback', json=dict(request_id=j['request_id'], label=label, item=0), headers={'X-Staff-Token': token})
+                if f.status_code != 200: raise PetparkError(f"{url}/feedback refused the staff label: {f.json().get('detail')}")
+                tally['feedback'] += 1
     tally['seconds'] = round(time.perf_counter() - t0, 2)
     return tally

@@ -30,8 +30,8 @@ class Contract:
 
 # %% ../nbs/71_runtime.ipynb #3e6ee433
 def decode_photo(b:bytes, max_pixels:int)->tuple:
-    "(facts, image): format, mode, size, brightness, contrast and the `problem` that makes `b` unusable; the decoded image or None"
-    r = dict(format=None, mode=None, width=None, height=None, problem=None, brightness=None, contrast=None)
+    "(facts, image): format, mode, size, brightness, contrast, saturation (colourfulness) and the `problem` that makes `b` unusable; the decoded image or None"
+    r = dict(format=None, mode=None, width=None, height=None, problem=None, brightness=None, contrast=None, saturation=None)
     if not b: return {**r, 'problem': 'empty'}, None
     try:
         with warnings.catch_warnings():
@@ -43,8 +43,9 @@ def decode_photo(b:bytes, max_pixels:int)->tuple:
     if im.width*im.height > max_pixels: return {**r, 'problem': 'decompression_bomb'}, None
     try: im.load()
     except Exception as e: return {**r, 'problem': 'truncated' if 'truncat' in str(e) else 'corrupt'}, None
-    g = np.asarray(to_rgb(im).convert('L'), dtype=np.float32)
-    return {**r, 'brightness': round(float(g.mean()), 2), 'contrast': round(float(g.std()), 2)}, im
+    rgb = to_rgb(im); g = np.asarray(rgb.convert('L'), dtype=np.float32)
+    sat = np.ptp(np.asarray(rgb.reduce(4) if min(rgb.size) >= 64 else rgb, dtype=np.int16), axis=2).mean()  # 0 for a grayscale photo
+    return {**r, 'brightness': round(float(g.mean()), 2), 'contrast': round(float(g.std()), 2), 'saturation': round(float(sat), 2)}, im
 
 # %% ../nbs/71_runtime.ipynb #9b7c94ee
 class BadInput(Exception):

@@ -5,7 +5,7 @@ from pathlib import Path
 import httpx, pandas as pd, pytest
 from PIL import Image, ImageFilter
 from petpark.core import load_params, override
-from petpark.monitor import build_reference, save_reference, load_reference, monitor_window
+from petpark.monitor import build_reference, save_reference, load_reference, monitor_window, monitor_stage
 from petpark.registry import Registry
 from petpark.runtime import load_dir
 from petpark.testing import Served, lesson_package
@@ -35,7 +35,7 @@ def site(tmp_path_factory):
     reg = Registry(d/'registry', 'petpark-classifier')
     reg.register(files, dict(gate={'passed': True, 'reasons': []}))
     reg.record_preprod('v1', True, by='test'); reg.approve('v1', 'test', 'ok'); reg.promote('v1', 'staging'); reg.promote('v1', 'prod')
-    env = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_DB_URL=f'sqlite:///{d}/prod.sqlite')
+    env = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_DB_URL=f'sqlite:///{d}/prod.sqlite', PETPARK_STAFF_TOKEN='staff')
     with Served(['petpark', 'serve', '--stage', 'prod', '--port', '{port}'], env) as s:
         yield d, s, env
 
@@ -46,7 +46,7 @@ def send(url, bodies, labels=None):
     with httpx.Client(timeout=30) as c:
         for i, b in enumerate(bodies):
             r = c.post(url + '/predict', files=[('files', (f'{i}.jpg', b, 'image/jpeg'))]).json()
-            if labels: c.post(url + '/feedback', json=dict(request_id=r['request_id'], label=labels[i], item=0))
+            if labels: c.post(url + '/feedback', json=dict(request_id=r['request_id'], label=labels[i], item=0), headers={'X-Staff-Token': 'staff'})
     return t0, time.time()
 
 
@@ -111,6 +111,13 @@ def test_alerts_reach_the_webhook_once_and_clear(site):
     stored = sqlite3.connect(d/'prod.sqlite').execute('SELECT COUNT(*) FROM alerts WHERE closed IS NULL').fetchone()[0]
     assert stored == len(res['alerts']['open'])
     hook.shutdown()
+    # the DVC stage's way: the window exported to a folder, then checked from that folder alone
+    r = run('--export', str(d/'window'))
+    assert r.returncode == 0 and '100 photos served by v1 on prod servers' in r.stdout, r.stdout + r.stderr
+    rep = monitor_stage(override(load_params(), {}), d/'window', d/'monitor.json')
+    assert drift_alerts(rep['checks']) and len(rep['alerts']) == stored, 'the report shows the checks and the alerts still open'
+    m = json.loads((d/'monitor.json').read_text())
+    assert m['window']['version'] == 'v1' and m['verdicts']['alert'] >= 1 and all({'check', 'verdict', 'statistic', 'value', 'threshold'} <= set(c) for c in m['checks'])
 
 
 def test_refused_inputs_are_logged_without_their_bytes(site):

@@ -1,14 +1,16 @@
 "The real thing at small size: `petpark data` + `dvc repro` in a temporary copy of the repo on a subset of the lake"
-import json, shutil, subprocess
+import json, re, shutil, sqlite3, subprocess
 from pathlib import Path
-import pandas as pd, yaml
-from conftest import ROOT, make_lake, tree_digest
+import httpx, pandas as pd, yaml
+from petpark.testing import Served
+from conftest import ROOT, LAKE, make_lake, tree_digest
 
 # a tiny training budget, set through params as a user would (real fastai, minutes become seconds)
 TINY = {'train.img_size': 64, 'train.bs': 16, 'train.max_train': 60, 'train.search.lrs': [0.003],
         'train.search.subset': 20, 'train.search.img_size': 64,
         'explain.right_per_class': 1, 'explain.wrong_per_class': 1, 'explain.max_evals': 50,
-        'package.parity_images': 16, 'package.calib_images': 16}
+        'package.parity_images': 16, 'package.calib_images': 16, 'package.reference_images': 20,
+        'retrain.hold_confidence': 0.5}  # a tiny model is never sure: every label that contradicts it is held
 # gate limits a tiny model can meet, so that the pipeline runs on through packaging
 LENIENT = {'evaluate.min_accuracy': 0.0, 'evaluate.min_class_recall': 0.0, 'evaluate.max_recall_gap': 1.0,
            'evaluate.max_share_gap': 10.0}
@@ -78,7 +80,11 @@ def test_dvc_repro_end_to_end(tmp_path, env):
         assert (repo/f).stat().st_size > 0, f
     assert f"{pk['accuracy']['fp32']:.2%}" in (repo/'reports/06_package_card.md').read_text()
     assert 'v1' in sh('petpark registry list', repo, env)
-    assert 'up to date' in sh('dvc repro', repo, env)
+    mon = json.loads((repo/'metrics/monitor.json').read_text())
+    assert mon['window']['photos'] == 0 and mon['checks'][0]['verdict'] == 'n/a', 'nothing served yet: the monitor stage says so'
+    assert (repo/'reports/07_monitor.html').stat().st_size > 0
+    again = sh('dvc repro', repo, env)
+    assert re.findall(r"Running stage '(\w+)'", again) == ['monitor'], 'only the monitor, whose log grows by itself, runs again'
     assert tree_digest(lake) == before, 'the lake must stay byte-for-byte unchanged'
 
     # an experiment with one knob changed is compared with the baseline by `dvc exp show`
@@ -100,3 +106,40 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     assert 'ingest' not in sh('dvc status', repo, env), 'the pinned snapshot does not move by itself'
     assert 'changed: commit data.dvc' in sh('petpark data', repo, env)
     assert 'ingest' in sh('dvc status', repo, env)
+
+    # production's loop: a served prediction walks back to its commit and data; staff labels retrain to staging
+    sh("git add -A && git commit -qm 'new lake photo'", repo, env)
+    commit = sh('git rev-parse HEAD', repo, env).strip()
+    data_md5 = yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5']
+    sh('dvc repro', repo, env)  # v3, trained at this commit on this data
+    sh('petpark registry promote v3 staging', repo, env)
+    env.update(PETPARK_STAFF_TOKEN='staff', PETPARK_DB_URL=f'sqlite:///{tmp_path}/log.sqlite', PETPARK_USER='po-paula')
+    shots = [(p, c) for c in ['Cat', 'Dog'] for p in sorted((LAKE/c).glob('*.jpg'))[500:505]]  # never in this lake
+    with Served(['petpark', 'serve', '--stage', 'staging', '--port', '{port}'], env) as s:
+        for p, c in shots:
+            rid = httpx.post(s.url + '/predict', files=[('files', (p.name, p.read_bytes(), 'image/jpeg'))]).json()['request_id']
+            assert httpx.post(s.url + '/feedback', json=dict(request_id=rid, label=c), headers={'X-Staff-Token': 'staff'}).status_code == 200
+    lin = json.loads(sh(f'petpark lineage {rid} --json', repo, env))
+    assert lin['model']['version'] == 'v3' and lin['model']['matches_registry']
+    assert lin['code']['commit'] == commit and lin['code']['code_differed'] is False, 'the commit it was trained at, with clean code'
+    assert lin['data']['data_dvc_md5'] == data_md5 and lin['data']['current'] and lin['params']['train']['img_size'] == 64
+    assert f'commit {commit[:12]}' in sh(f'petpark lineage {rid}', repo, env)
+
+    wrong = sqlite3.connect(tmp_path/'log.sqlite').execute('SELECT COUNT(*) FROM predictions WHERE feedback != label').fetchone()[0]
+    r = subprocess.run('petpark retrain', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert 'v4 is in staging' in r.stdout and 'next:' in r.stdout
+    batch = sorted(lake.glob('*/feedback-*/*.jpg'))
+    assert len(batch) == len(shots) - wrong, 'labels that contradict the model are held, not trained on'
+    held = sh('petpark retrain --held', repo, env).strip().splitlines()
+    assert len(held) - 1 == wrong if wrong else held == ['no labels are held for review']
+    assert yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5'] != data_md5, 'the new lake version is pinned'
+    man = pd.read_csv(repo/'artifacts/ingest/manifest.csv')
+    assert set(b.relative_to(lake).as_posix() for b in batch) <= set(man.path)
+    state = json.loads((repo/'registry/petpark-classifier/registry.json').read_text())
+    assert state['stages']['staging'][-1] == 'v4' and 'v4' not in state['stages']['prod'] and state['preprod']['v4']
+    p = subprocess.run('petpark registry promote v4 prod', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and 'no QA approval' in p.stderr, 'never straight to prod'
+    acts = [a['action'] for a in map(json.loads, (repo/'registry/petpark-classifier/audit.jsonl').read_text().splitlines()) if a['user'] == 'po-paula']
+    assert [a for a in acts if a.startswith('retrain')] == ['retrain-start', 'retrain-batch', 'retrain-data', 'retrain-repro', 'retrain-done']
+    assert 'promote' in acts and 'preprod-test' in acts

@@ -21,7 +21,7 @@ def site(tmp_path_factory):
     p['evaluate'].update(min_accuracy=0.5, min_class_recall=0.3, max_recall_gap=0.7, max_share_gap=0.9)
     p['preprod'].update(smoke_per_class=0, load_requests=30, max_p99_ms=60_000)
     (qa/'params.yaml').write_text(yaml.safe_dump(p))
-    env = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_USER='qa-anna')
+    env = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_USER='qa-anna', PETPARK_STAFF_TOKEN='staff')
     return d, reg, qa, env
 
 

@@ -25,7 +25,7 @@ class Server(Served):
     def __init__(self, d:Path, stage='staging', **env):
         self.db = d/f'log-{time.time_ns()}.sqlite'
         e = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_SERVE_MAX_BYTES='300000',
-                     PETPARK_ADMIN_TOKEN='s3cret', **env)
+                     PETPARK_ADMIN_TOKEN='s3cret', PETPARK_STAFF_TOKEN='staff', PETPARK_HOST_EVERY_S='0.5', **env)
         super().__init__(['petpark', 'serve', '--stage', stage, '--port', '{port}', '--db-url', f'sqlite:///{self.db}'], e)
 
 
@@ -96,12 +96,27 @@ def test_hostile_inputs_get_a_clear_4xx_and_the_server_keeps_serving(srv, what, 
 
 def test_feedback_is_recorded_against_the_logged_prediction(srv):
     rid = predict(srv.url, TEST_LAKE/'Cat/3.jpg', TEST_LAKE/'Dog/3.jpg').json()['request_id']
-    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Dog', 'item': 1}).json() == {'updated': 1}
-    assert httpx.post(srv.url + '/feedback', json={'request_id': 'nope', 'label': 'Dog'}).status_code == 404
-    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Horse'}).status_code == 422
-    assert httpx.post(srv.url + '/feedback', content=b'{', headers={'content-type': 'application/json'}).status_code == 400
-    rows = sqlite3.connect(srv.db).execute('SELECT item, feedback, model_version, length(embedding), input_sha256 FROM predictions WHERE request_id=? ORDER BY item', (rid,)).fetchall()
+    staff = {'X-Staff-Token': 'staff'}
+    r = httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Dog', 'item': 1})
+    assert r.status_code == 403 and 'X-Staff-Token' in r.json()['detail'], 'labels become training data: staff only'
+    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Dog', 'item': 1}, headers={'X-Staff-Token': 'guess'}).status_code == 403
+    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Dog', 'item': 1}, headers=staff).json() == {'updated': 1}
+    assert httpx.post(srv.url + '/feedback', json={'request_id': 'nope', 'label': 'Dog'}, headers=staff).status_code == 404
+    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Horse'}, headers=staff).status_code == 422
+    assert httpx.post(srv.url + '/feedback', content=b'{', headers={'content-type': 'application/json', **staff}).status_code == 400
+    rows = sqlite3.connect(srv.db).execute('SELECT item, feedback, model_version, length(embedding), input_sha256, stage, saturation FROM predictions WHERE request_id=? ORDER BY item', (rid,)).fetchall()
     assert rows[0][1] is None and rows[1][1] == 'Dog' and rows[1][2] == 'v1' and rows[1][3] == 512*4 and len(rows[1][4]) == 64
+    assert rows[1][5] == 'staging' and rows[1][6] > 0
+    kept = srv.db.parent/'photos'/rows[1][4][:2]/f'{rows[1][4]}.img'
+    assert kept.read_bytes() == (TEST_LAKE/'Dog/3.jpg').read_bytes(), 'the photo is kept by content hash, for retraining'
+
+
+def test_the_server_records_the_hosts_telemetry(srv):
+    time.sleep(1.2)
+    rows = sqlite3.connect(srv.db).execute('SELECT stage, cpu_pct, mem_pct, disk_pct, rss_mb FROM host').fetchall()
+    assert len(rows) >= 2 and all(r[0] == 'staging' and 0 <= r[1] <= 100 and 0 < r[2] <= 100 and 0 < r[3] <= 100 and r[4] > 10 for r in rows)
+    m = httpx.get(srv.url + '/metrics').text
+    assert 'petpark_host{fact="mem_pct"}' in m and 'petpark_host{fact="disk_pct"}' in m
 
 
 def load(url, stop, out, paths=LAKE_PHOTOS):
