@@ -17,6 +17,7 @@ from scipy import stats
 from .core import *
 from .runtime import LoadedModel, decode_photo, onnx_predict
 from .serve import HOST_FACTS
+from .judge import share_words
 
 # %% ../nbs/07_monitor.ipynb #b36507b6
 def build_reference(model:LoadedModel, paths:list, valid:pd.DataFrame=None)->dict:
@@ -157,10 +158,8 @@ def prediction_checks(df:pd.DataFrame, ref:dict, positive:str, p:MonitorParams)-
     if len(fb) >= p.min_feedback:  # staff labels: the true mix is known for these photos
         true, pred, src = float((fb.feedback == positive).mean()), float((fb.label == positive).mean()), f'{len(fb)} photos with staff feedback'
     else: true, pred, src = est, share, 'the class mix estimated from the predictions (BBSE)'
-    gap = pred/true - 1 if true else 0.0
-    out.append(_chk('bias', 'alert' if abs(gap) > p.max_share_gap else 'ok',
-                    f"the model predicts {pos} {abs(gap):.1%} {'more' if gap >= 0 else 'less'} often than it should ({pred:.1%} of photos vs "
-                    f"{true:.1%} truly, from {src}; alert beyond ±{p.max_share_gap:.0%})", 'predicted/true share - 1', round(gap, 6), p.max_share_gap,
+    gap, said = share_words(positive, pred, true, f', from {src}')
+    out.append(_chk('bias', 'alert' if abs(gap) > p.max_share_gap else 'ok', f"the model {said}; alert beyond ±{p.max_share_gap:.0%}", 'predicted/true share - 1', round(gap, 6), p.max_share_gap,
                     severity='critical', action='have staff label a sample through /feedback to confirm; if confirmed, `petpark retrain`' if abs(gap) > p.max_share_gap else None))
     return out
 

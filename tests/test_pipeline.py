@@ -113,7 +113,8 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     data_md5 = yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5']
     sh('dvc repro', repo, env)  # v3, trained at this commit on this data
     sh('petpark registry promote v3 staging', repo, env)
-    env.update(PETPARK_STAFF_TOKEN='staff', PETPARK_DB_URL=f'sqlite:///{tmp_path}/log.sqlite', PETPARK_USER='po-paula')
+    env.update(PETPARK_STAFF_TOKEN='staff', PETPARK_DB_URL=f'sqlite:///{tmp_path}/log.sqlite', PETPARK_USER='po-paula',
+               PETPARK_REGISTRY_DIR=str(repo/'registry'))  # the server runs from this checkout, not the copy's
     shots = [(p, c) for c in ['Cat', 'Dog'] for p in sorted((LAKE/c).glob('*.jpg'))[500:505]]  # never in this lake
     with Served(['petpark', 'serve', '--stage', 'staging', '--port', '{port}'], env) as s:
         for p, c in shots:
