@@ -266,9 +266,10 @@ def lineage(request_id:str, # the request_id of a /predict answer (it is in the 
 
 # %% ../nbs/90_cli.ipynb #8438df3f
 @call_parse
-def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
+def bench(what:str, # what to benchmark: `ingest`, `latency`, `serve` or `monitor`
           big:int=100_000, # ingest: size of the synthetic lake
-          photos:int=100, # latency, serve: test photos
+          photos:int=100, # latency, serve: test photos; monitor: unseen photos per class in the pool (e.g. 800)
+          windows:int=20, # monitor: random windows per window size and shift
           images:str=None, # latency, serve: a labelled folder of photos to use (default: the lake snapshot's test split)
           levels:str='1,4,16', # serve: concurrency levels
           requests:int=200, # serve: requests per variant and level
@@ -277,8 +278,8 @@ def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
           out:str=None): # report path, written as .json and .md (default: reports/bench_<what>)
     "Measure speed and memory against a baseline in the same run; results go to `reports/`"
     out = proj_path(out or f'reports/bench_{what}')
+    from petpark.preprod import labelled_photos, test_split_photos
     def test_paths():
-        from petpark.preprod import labelled_photos, test_split_photos
         n = (photos + 1)//2  # half from each class
         return [p for p, _ in (labelled_photos(images, per_class=n) if images else test_split_photos(n))]
     if what == 'ingest':
@@ -296,7 +297,16 @@ def bench(what:str, # what to benchmark: `ingest`, `latency` or `serve`
         write_bench(bench_serve([p.read_bytes() for p in paths], proj_path(package_dir), proj_path(model_dir), levels=lv, requests=requests), out,
                     f'Serving: `petpark serve` app on 127.0.0.1, one photo a request, {requests} requests per row, '
                     f'{len(paths)} test photos; client and server share this machine')
-    else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency or serve")
+    elif what == 'monitor':
+        from petpark.bench import bench_monitor_report
+        from petpark.runtime import load_dir
+        from petpark.monitor import load_reference
+        pk = proj_path(package_dir)
+        items = labelled_photos(images, per_class=photos) if images else test_split_photos(photos)  # unseen: never in the reference
+        res = bench_monitor_report(out, load_dir(pk), load_reference(pk/'reference.npz'), [p for p, _ in items], [l for _, l in items],
+                                   load_params().monitor, windows=windows)
+        print(res['verdict'])
+    else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency, serve or monitor")
     print(out.with_suffix('.md').read_text())
 
 # %% ../nbs/90_cli.ipynb #6ed5165f
