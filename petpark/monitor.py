@@ -142,13 +142,15 @@ def drift_checks(df:pd.DataFrame, emb:pd.DataFrame, ref:dict, positive:str, p:Mo
     return out
 
 # %% ../nbs/07_monitor.ipynb #ce6a668b
-def prediction_checks(df:pd.DataFrame, ref:dict, positive:str, p:MonitorParams)->list:
-    "Prediction drift (the predicted share against the reference) and bias (against the class mix estimated by BBSE, or by feedback)"
+def prediction_checks(df:pd.DataFrame, ref:dict, positive:str, p:MonitorParams, drifted:bool=False)->list:
+    "Prediction drift (the predicted share against the reference) and bias (against the class mix estimated by BBSE, or by feedback); `drifted`: the photos themselves drifted, so BBSE's assumption fails"
     if len(df) < p.min_photos: return [_chk('prediction drift', 'n/a', f'{len(df)} photos in the window: at least {p.min_photos} are needed')]
     pos = positive.lower(); share = float((df.label == positive).mean()); ref_share = float(ref['pred_share'])
     est = bbse_share(share, ref['confusion'])
     shift, moved = share - ref_share, abs(share - ref_share) > p.max_share_shift
-    why = ('and the estimated true share moved with it: more ' + pos + 's came, the model follows them') if abs(est - ref_share) > p.max_share_shift \
+    why = ('but the photos themselves drifted (see data drift), so the class mix cannot be told from the predictions: '
+           'have staff label a sample to tell "more ' + pos + 's came" from "the model is biased"') if drifted else \
+          ('and the estimated true share moved with it: more ' + pos + 's came, the model follows them') if abs(est - ref_share) > p.max_share_shift \
           else 'while the estimated true share did not: the model, not the park, changed'
     out = [_chk('prediction drift', 'alert' if moved else 'ok',
                 f"the model calls {share:.1%} of photos {pos} against {ref_share:.1%} on the reference ({shift:+.1%}; alert beyond "
@@ -157,7 +159,8 @@ def prediction_checks(df:pd.DataFrame, ref:dict, positive:str, p:MonitorParams)-
     fb = df[df.feedback.notna()]
     if len(fb) >= p.min_feedback:  # staff labels: the true mix is known for these photos
         true, pred, src = float((fb.feedback == positive).mean()), float((fb.label == positive).mean()), f'{len(fb)} photos with staff feedback'
-    else: true, pred, src = est, share, 'the class mix estimated from the predictions (BBSE)'
+    else: true, pred, src = est, share, 'the class mix estimated from the predictions (BBSE)' + (
+        ', which assumes only the class mix changed: the photos drifted, so this estimate is unreliable until staff label a sample' if drifted else '')
     gap, said = share_words(positive, pred, true, f', from {src}')
     out.append(_chk('bias', 'alert' if abs(gap) > p.max_share_gap else 'ok', f"the model {said}; alert beyond ±{p.max_share_gap:.0%}", 'predicted/true share - 1', round(gap, 6), p.max_share_gap,
                     severity='critical', action='have staff label a sample through /feedback to confirm; if confirmed, `petpark retrain`' if abs(gap) > p.max_share_gap else None))
@@ -244,8 +247,9 @@ def update_alerts(db, checks:list, now:float=None, webhook:str='')->dict:
 def monitor_window(db, reference:dict, positive:str, since:float, until:float, p:MonitorParams, stage:str=None)->list:
     "Every check on the log window from `since` to `until` (of the servers of `stage`; default: all), against `reference`"
     df, emb, refused, host = read_window(db, since, until, p.max_embeddings, stage=stage)
-    return [*telemetry_checks(df, refused, host, since, until, p), *drift_checks(df, emb, reference, positive, p),
-            *prediction_checks(df, reference, positive, p), *model_checks(df, positive, p)]
+    drift = drift_checks(df, emb, reference, positive, p)
+    return [*telemetry_checks(df, refused, host, since, until, p), *drift,
+            *prediction_checks(df, reference, positive, p, drifted=any(c['verdict'] == 'alert' for c in drift)), *model_checks(df, positive, p)]
 
 def served_version(db, since:float, until:float, stage:str=None)->str|None:
     "The model version that served most of the window (None: no predictions in it)"
