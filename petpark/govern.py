@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd, yaml
 from .core import *
 from .registry import Registry, user_name
-from .serve import PhotoStore, db_path
+from .serve import PhotoStore, db_path, photo_store
 
 # %% ../nbs/83_govern.ipynb #6494d489
 GOVERN_SCHEMA = '''CREATE TABLE IF NOT EXISTS lake_batches(input_sha256 TEXT PRIMARY KEY, label TEXT, batch TEXT, path TEXT, time REAL);
@@ -95,7 +95,7 @@ def retrain(db=None, params:Params=None, registry:Registry=None, by=None, say=pr
     P, s, root = params or load_params(), get_settings(), proj_root()
     db, reg, who = Path(db or db_path()), registry or Registry(), user_name(by)
     if not db.exists(): raise PetparkError(f'no inference log at {db}: nothing has been served yet (db_url setting)')
-    photos = PhotoStore(site_path(s.photo_dir) if s.photo_dir else db.parent/'photos')
+    photos = photo_store(db, s)
     take, held = new_labels(db, P.retrain.hold_confidence)
     hold(db, held)
     reg.audit('retrain-start', who, labelled=len(take), held=len(held))
