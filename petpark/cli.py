@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'COMMANDS', 'data', 'run_stage', 'ingest', 'eda', 'train', 'evaluate', 'explain', 'package', 'repro',
-           'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'retrain', 'lineage', 'bench', 'main']
+           'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'retrain', 'dashboard', 'lineage', 'bench', 'main']
 
 # %% ../nbs/90_cli.ipynb #d942538e
 import importlib, json, os, shutil, subprocess, sys, time
@@ -254,6 +254,15 @@ def retrain(held:store_true=False, # list the labels held for review, retrain no
     print(f"{res['version']} is in staging, " + ('passed pre-production and awaits QA approval' if res['preprod_passed'] else 'FAILED pre-production') + f"\nnext: {res['next']}")
 
 @call_parse
+def dashboard(port:int=None, # port on 127.0.0.1 (default: a free one)
+              screenshots:store_true=False, # write a PNG of every page to reports/screenshots/ and stop
+              demo:store_true=False, # serve a demo site (two versions, an inference log with alerts, stage outputs) made in a temporary folder
+              rows:int=5000): # --demo: logged predictions in the demo log
+    "The stakeholders' dashboards (model, monitoring, registry and lineage, data): Voila on 127.0.0.1, offline"
+    from petpark.dashboard import serve_dashboards
+    serve_dashboards(port, screenshots, demo, rows)
+
+@call_parse
 def lineage(request_id:str, # the request_id of a /predict answer (it is in the inference log)
             db_url:str=None, # the inference log (default: the db_url setting)
             json:store_true=False): # print it as JSON
@@ -266,10 +275,11 @@ def lineage(request_id:str, # the request_id of a /predict answer (it is in the 
 
 # %% ../nbs/90_cli.ipynb #8438df3f
 @call_parse
-def bench(what:str, # what to benchmark: `ingest`, `latency`, `serve` or `monitor`
+def bench(what:str, # what to benchmark: `ingest`, `latency`, `serve`, `monitor` or `dashboard`
           big:int=100_000, # ingest: size of the synthetic lake
           photos:int=100, # latency, serve: test photos; monitor: unseen photos per class in the pool (e.g. 800)
           windows:int=20, # monitor: random windows per window size and shift
+          rows:int=100_000, # dashboard: logged predictions in the demo site's inference log
           images:str=None, # latency, serve: a labelled folder of photos to use (default: the lake snapshot's test split)
           levels:str='1,4,16', # serve: concurrency levels
           requests:int=200, # serve: requests per variant and level
@@ -306,13 +316,16 @@ def bench(what:str, # what to benchmark: `ingest`, `latency`, `serve` or `monito
         res = bench_monitor_report(out, load_dir(pk), load_reference(pk/'reference.npz'), [p for p, _ in items], [l for _, l in items],
                                    load_params().monitor, windows=windows)
         print(res['verdict'])
-    else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency, serve or monitor")
+    elif what == 'dashboard':
+        from petpark.dashboard import bench_dashboard
+        bench_dashboard(rows, out=out)
+    else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency, serve, monitor or dashboard")
     print(out.with_suffix('.md').read_text())
 
 # %% ../nbs/90_cli.ipynb #6ed5165f
 COMMANDS = {'data': data, 'ingest': ingest, 'eda': eda, 'train': train, 'evaluate': evaluate, 'explain': explain, 'package': package,
             'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'monitor': monitor, 'retrain': retrain, 'lineage': lineage,
-            'bench': bench}
+            'dashboard': dashboard, 'bench': bench}
 
 def main(argv:list=None)->int:
     "Entry point of `petpark`: dispatch to a sub-command; user errors become one line and exit code 2"

@@ -63,7 +63,7 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     metrics = json.loads((repo/'metrics/ingest.json').read_text())
     assert metrics['files'] == len(before) and metrics['reason']['truncated'] == 1
     html = (repo/'reports/02_eda.html').read_text()
-    assert 'Files per label and status' in html and 'def fig_balance' not in html, 'EDA page: figures, no code'
+    assert 'photos per class and split' in html and 'from petpark' not in html and "<pre>{'" not in html, 'EDA page: figures, no code, no raw dict'
     ev = json.loads((repo/'metrics/evaluate.json').read_text())
     assert ev['gate']['passed'] is False and ev['n'] == len(man[man.status == 'test']), 'a tiny model fails the gate'
     assert 'Confusion' in sh('dvc plots show --json', repo, env)
