@@ -13,6 +13,7 @@ from PIL import Image
 from .core import *
 from .judge import judge
 from .model import load_model, model_meta, predict_items
+from .runtime import threshold_labels
 
 # %% ../nbs/04_evaluate.ipynb #d8af14d6
 def write_results(out_dir:Path, res:dict, cur:dict, preds:pd.DataFrame, metrics_path:Path=None):
@@ -28,7 +29,9 @@ def score_photos(rows:pd.DataFrame, root:Path, p:EvaluateParams, model_dir='mode
     learn = load_model(model_dir)
     preds = predict_items(learn, rows, root, tta=model_meta(model_dir).get('tta', False))
     vp = proj_path(valid_preds)
-    res, cur = judge(preds, pd.read_csv(vp) if vp.exists() else None, list(learn.dls.vocab), p)
+    classes = list(learn.dls.vocab)
+    res, cur = judge(preds, pd.read_csv(vp) if vp.exists() else None, classes, p)
+    preds['pred'] = threshold_labels(preds[[f'p_{c}' for c in classes]].values, classes, p.positive, res['threshold'])  # the server's rule
     res.update(extra or {})
     write_results(out_dir, res, cur, preds, metrics)
     return res

@@ -130,6 +130,7 @@ with fastai on the park's lake; served as ONNX ({pk['served']}).
 
 ## Evaluation (test split, {ev['n']} photos never used in training; threshold {ev['threshold']:.3f})
 - Accuracy **{_pct(ev['accuracy'])}**, ROC AUC {ev['roc_auc']}, average precision {ev['average_precision']}, ECE {ev['ece']}.
+- Decision rule, the same in the metrics, `preds.csv` and the server: {ev.get('threshold_choice', {}).get('why', f"p(positive) ≥ {ev['threshold']:.3f}")}.
 
 | class | precision | recall | F1 | photos |
 |---|---|---|---|---|

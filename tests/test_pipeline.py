@@ -79,6 +79,11 @@ def test_dvc_repro_end_to_end(tmp_path, env):
               'reports/05_explain.html', 'metrics/explain.json']:
         assert (repo/f).stat().st_size > 0, f
     assert f"{pk['accuracy']['fp32']:.2%}" in (repo/'reports/06_package_card.md').read_text()
+    # one decision rule: the metrics, each photo's label in preds.csv, the model card and what the server loads
+    ev, preds = json.loads((repo/'metrics/evaluate.json').read_text()), pd.read_csv(repo/'artifacts/evaluate/preds.csv')
+    assert round(float((preds.pred == preds.label).mean()), 6) == ev['accuracy']
+    assert json.loads((repo/'artifacts/package/serving.json').read_text())['threshold'] == ev['threshold']
+    assert ev['threshold_choice']['why'] in (repo/'reports/06_package_card.md').read_text()
     assert 'v1' in sh('petpark registry list', repo, env)
     mon = json.loads((repo/'metrics/monitor.json').read_text())
     assert mon['window']['photos'] == 0 and mon['checks'][0]['verdict'] == 'n/a', 'nothing served yet: the monitor stage says so'
