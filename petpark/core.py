@@ -6,7 +6,8 @@
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings', 'site_root', 'site_path',
            'lake_path', 'BaseParams', 'IngestParams', 'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams',
            'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams', 'Params', 'load_params',
-           'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
+           'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'data_dvc_md5', 'to_rgb', 'open_rgb',
+           'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, hashlib, io, json, logging, os, sys
@@ -198,6 +199,11 @@ def get_logger(name='petpark')->logging.Logger:
 def sha256_bytes(b:bytes)->str:
     "Hex SHA-256 of `b`"
     return hashlib.sha256(b).hexdigest()
+
+def data_dvc_md5(root=None)->str|None:
+    "The lake snapshot the project pins: the md5 of `data.dvc`'s output, or None before `petpark data`"
+    f = (Path(root) if root else proj_root())/'data.dvc'
+    return yaml.safe_load(f.read_text())['outs'][0]['md5'] if f.exists() else None
 
 # %% ../nbs/00_core.ipynb #10d36bbc
 def to_rgb(im:Image.Image)->Image.Image:

@@ -120,7 +120,7 @@ def _fake_version(out:Path, name:str, acc:float, threshold:float, bias:str, ref_
     out.mkdir(parents=True, exist_ok=True); rng = np.random.default_rng(len(name))
     root = proj_root()
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip() or None
-    md5 = (root/'data.dvc').read_text().split('md5: ')[1].split()[0] if (root/'data.dvc').exists() else None
+    md5 = data_dvc_md5(root)
     sv = dict(classes=['Cat', 'Dog'], positive='Dog', threshold=threshold, img_size=224, served='fp32', backbone='efficientnet_lite2',
               tta=True, git_commit=commit, data_dvc_md5=md5, manifest_sha256='0'*64, wandb_run=f'demo{name}', lr=0.002, gate={'passed': True, 'reasons': []})
     (out/'serving.json').write_text(json.dumps(sv, indent=2))
@@ -203,13 +203,9 @@ def _demo_workspace(ws:Path, lake:Path, rng):
     ex.assign(correct=ex.pred == ex.label).to_csv(ws/'artifacts/explain/explained.csv', index=False)
 
 # %% ../nbs/94_dashboard.ipynb #18d520ef
-def _go():
-    import plotly.graph_objects as go
-    return go
-
 def fig_trends(daily:pd.DataFrame, drift:pd.DataFrame, p:MonitorParams, ref_share:float=None, positive:str='Dog')->'go.Figure':
     "Every monitor check per day against its threshold: drift p-values, predicted share, feedback accuracy, refusals, latency, host"
-    go = _go(); from plotly.subplots import make_subplots
+    import plotly.graph_objects as go; from plotly.subplots import make_subplots
     pos = positive.lower()
     titles = ['data drift: KS p-value per day (alert below the dashed line)', f'share of photos predicted {pos}', 'accuracy: staff feedback (95% interval) and label-free estimate',
               'refused inputs', 'latency (ms)', 'host (%)']
@@ -238,7 +234,7 @@ def fig_trends(daily:pd.DataFrame, drift:pd.DataFrame, p:MonitorParams, ref_shar
 
 def fig_quality(ev:dict, curves_dir)->'go.Figure|None':
     "Confusion, ROC, precision-recall and calibration on the test split, from evaluate's metrics `ev` and its curves in `curves_dir` (None when they are missing)"
-    go = _go(); from plotly.subplots import make_subplots
+    import plotly.graph_objects as go; from plotly.subplots import make_subplots
     d = Path(curves_dir)
     if ev is None or not all((d/f'{k}.csv').exists() for k in ['roc', 'pr', 'calibration']): return None
     roc, pr, cal = (pd.read_csv(d/f'{k}.csv') for k in ['roc', 'pr', 'calibration'])
@@ -255,7 +251,7 @@ def fig_quality(ev:dict, curves_dir)->'go.Figure|None':
 
 def fig_compare(a:dict, b:dict)->'go.Figure':
     "The test accuracy of each served variant of two registry versions side by side"
-    go = _go()
+    import plotly.graph_objects as go
     fig = go.Figure()
     for v in (a, b):
         acc = v.get('accuracy') or {}
@@ -264,7 +260,7 @@ def fig_compare(a:dict, b:dict)->'go.Figure':
 
 def fig_timeline(audit:list)->'go.Figure':
     "The registry's audit trail: one marker per action, by version, over time"
-    go = _go()
+    import plotly.graph_objects as go
     df = pd.DataFrame(audit)
     fig = go.Figure()
     if len(df):
@@ -276,7 +272,7 @@ def fig_timeline(audit:list)->'go.Figure':
 
 def fig_data(man:pd.DataFrame)->'go.Figure':
     "The lake from ingest's manifest: photos per class and split, quarantined files by reason"
-    go = _go(); from plotly.subplots import make_subplots
+    import plotly.graph_objects as go; from plotly.subplots import make_subplots
     fig = make_subplots(1, 2, subplot_titles=['photos per class and split', 'quarantined files by reason'])
     kept = man[man.status.isin(['train', 'test'])]
     for s, g in kept.groupby('status'):

@@ -108,7 +108,7 @@ def retrain(db=None, params:Params=None, registry:Registry=None, by=None, say=pr
     reg.audit('retrain-batch', who, batch=batch, photos=len(written), per_class=written.label.value_counts().to_dict(), held=len(held))
     say(f'{len(written)} labelled photos added to the lake as {batch} ({len(held)} held for review)')
     say(_run(['petpark', 'data'], root, say).strip())
-    data_md5 = yaml.safe_load((root/'data.dvc').read_text())['outs'][0]['md5']
+    data_md5 = data_dvc_md5(root)
     reg.audit('retrain-data', who, batch=batch, data_dvc_md5=data_md5)
     _run(['dvc', 'repro'], root, say)
     pk = json.loads((root/'metrics/package.json').read_text())['registered']
@@ -162,7 +162,7 @@ def lineage(request_id:str, db=None, registry:Registry=None)->dict:
                 training=dict(wandb_run=sv.get('wandb_run'), wandb_dir=str(runs[-1]) if runs else None, lr=sv.get('lr')),
                 code=dict(commit=sha, code_differed=dirty, in_this_repo=known,
                           subject=_git(root, 'show', '-s', '--format=%cs %s', sha) if known else None),
-                data=dict(data_dvc_md5=md5, current=md5 == (yaml.safe_load((root/'data.dvc').read_text())['outs'][0]['md5'] if (root/'data.dvc').exists() else None),
+                data=dict(data_dvc_md5=md5, current=md5 == data_dvc_md5(root),
                           pinned_by=pinned_by[-1] if pinned_by else None, manifest_sha256=sv.get('manifest_sha256')),
                 params=params_at)
 

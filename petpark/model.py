@@ -54,8 +54,7 @@ class RGBReader:
 def data_version(root=None)->dict:
     "The lake snapshot's hash from `data.dvc` and the manifest's content hash"
     r, out = proj_root(root), {}
-    dvcfile = r/'data.dvc'
-    if dvcfile.exists(): out['data_dvc_md5'] = yaml.safe_load(dvcfile.read_text())['outs'][0]['md5']
+    if (md5 := data_dvc_md5(r)): out['data_dvc_md5'] = md5
     man = r/'artifacts/ingest/manifest.csv'
     if man.exists(): out['manifest_sha256'] = sha256_bytes(man.read_bytes())
     return out
