@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['SHIFTS', 'CONDITIONS', 'AIMS', 'write_bench', 'synth_lake', 'bench_ingest', 'bench_table', 'bench_latency',
-           'EagerModel', 'bench_server', 'bench_serve', 'night', 'infrared', 'blur', 'rot90', 'shift_pool',
-           'monitor_sample', 'bench_monitor', 'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report']
+           'bench_evaluate', 'EagerModel', 'bench_server', 'bench_serve', 'night', 'infrared', 'blur', 'rot90',
+           'shift_pool', 'monitor_sample', 'bench_monitor', 'synth_log', 'time_monitor', 'monitor_verdict',
+           'bench_monitor_report']
 
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, subprocess, sys, tempfile, time, zlib
@@ -111,6 +112,27 @@ def bench_latency(model_dir, onnx_files:dict, paths:list, repeats:int=1, warmup:
         rows.append(dict(runtime=name, photos=len(ts), p50_ms=np.percentile(ts, 50), p95_ms=np.percentile(ts, 95), mean_ms=np.mean(ts)))
     df = pd.DataFrame(rows).round(2)
     df['speedup_vs_eager'] = (df.p50_ms[0]/df.p50_ms).round(2)
+    return df
+
+# %% ../nbs/92_bench.ipynb #578da3c7
+def bench_evaluate(images:Path, package_dir='artifacts/package', model_dir='models', params:Params=None, work_dir=None)->pd.DataFrame:
+    "`evaluate_folder` on the labelled folder `images` with the learner in `model_dir` (baseline) and each ONNX variant in `package_dir`"
+    import petpark.model  # torch and fastai, imported outside the timed runs
+    from petpark.evaluate import evaluate_folder
+    P, work = params or load_params(), Path(work_dir or tempfile.mkdtemp())
+    pos = P.evaluate.positive
+    runs = [('learner (PyTorch eager)', model_dir, 'fp32')] + \
+        [(f'packaged {v} (ONNX Runtime)', package_dir, v) for v in json.loads((proj_path(package_dir)/'serving.json').read_text())['files']]
+    rows, preds = [], []
+    for name, d, v in runs:
+        t = time.perf_counter(); r = evaluate_folder(images, P, d, out_dir=work/f'run{len(rows)}', variant=v); dt = time.perf_counter() - t
+        preds.append(pd.read_csv(work/f'run{len(rows)}/preds.csv')[f'p_{pos}'].values)
+        rows.append(dict(engine=name, photos=r['n'], seconds=round(dt, 1), photos_per_s=round(r['n']/dt, 1),
+                         accuracy=round(r['accuracy'], 4), threshold=round(r['threshold'], 3)))
+    df, t = pd.DataFrame(rows), rows[-1]['threshold']
+    df['speedup'] = (df.photos_per_s/df.photos_per_s[0]).round(2)
+    df[f'max_abs_dp_{pos.lower()}'] = [float(np.abs(p - preds[0]).max()) for p in preds]
+    df['label_agreement'] = [float(((p >= t) == (preds[0] >= t)).mean()) for p in preds]
     return df
 
 # %% ../nbs/92_bench.ipynb #84c8c1a9

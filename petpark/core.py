@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings', 'site_root', 'site_path',
-           'lake_path', 'BaseParams', 'IngestParams', 'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams',
-           'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams', 'Params', 'load_params',
-           'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'data_dvc_md5', 'to_rgb', 'open_rgb',
-           'model_input', 'photo_grid']
+           'lake_path', 'BaseParams', 'IngestParams', 'ReviewParams', 'EdaParams', 'SearchParams', 'TrainParams',
+           'EvaluateParams', 'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams',
+           'Params', 'load_params', 'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'data_dvc_md5', 'to_rgb',
+           'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, hashlib, io, json, logging, os, sys
@@ -115,7 +115,11 @@ class IngestParams:
     classes:list; test_frac:float; split_salt:str; formats:list; min_side:int; max_pixels:int; near_dup_bits:int; workers:int
 
 @dataclass(frozen=True)
-class EdaParams: sample_per_class:int
+class ReviewParams:
+    backbone:str; img_size:int; folds:int; C:float; min_animal_mass:float; min_both_mass:float; gallery:int
+
+@dataclass(frozen=True)
+class EdaParams: sample_per_class:int; review:ReviewParams
 
 @dataclass(frozen=True)
 class SearchParams: lrs:list; subset:int; img_size:int; budget_s:float

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'MANIFEST_COLS', 'is_litter', 'walk_lake', 'phash', 'hamming', 'analyse',
            'FactCache', 'scan', 'load_rows', 'classify', 'group_near_dups', 'quarantine_group_conflicts', 'hash_score',
-           'read_ledger', 'assign_splits', 'write_ledger', 'write_manifest', 'ingest_metrics', 'ingest_lake',
-           'ingest_stage']
+           'read_ledger', 'assign_splits', 'write_ledger', 'apply_reviews', 'drop_reviewed', 'write_manifest',
+           'ingest_metrics', 'ingest_lake', 'ingest_stage']
 
 # %% ../nbs/01_ingest.ipynb #aeeb1b14
 import csv, json, os, sqlite3, time
@@ -109,7 +109,7 @@ _COLS = ['path', 'label', 'sha256', 'bytes', 'format', 'mode', 'width', 'height'
          'brightness', 'contrast', 'cached']
 _SCHEMA = '''CREATE TABLE files(path TEXT PRIMARY KEY, label TEXT, sha256 TEXT, bytes INT, format TEXT, mode TEXT,
   width INT, height INT, problem TEXT, phash INT, brightness REAL, contrast REAL, cached INT,
-  status TEXT, reason TEXT, dup_of TEXT, grp TEXT, split TEXT);
+  status TEXT, reason TEXT, dup_of TEXT, grp TEXT, split TEXT, lake_label TEXT, review TEXT);
   CREATE INDEX files_sha ON files(sha256); CREATE INDEX files_grp ON files(grp)'''
 
 def _s64(h): return None if h is None else (h - (1 << 64) if h >= 1 << 63 else h)
@@ -228,15 +228,28 @@ def write_ledger(con, path:Path, test_frac:float, salt:str):
         f.write(_ledger_head(test_frac, salt) + '\nsha256,split\n')
         csv.writer(f).writerows(con.execute('SELECT sha256, split FROM ledger ORDER BY sha256'))
 
+# %% ../nbs/01_ingest.ipynb #0e207fba
+def apply_reviews(con, reviews):
+    "Record the lake's label of every file, then each decision of `reviews` (from `review.read_reviews`) on the files with its content hash"
+    con.execute('UPDATE files SET lake_label=label')
+    con.executemany("UPDATE files SET review=?, label=CASE WHEN ?='relabel' THEN ? ELSE label END WHERE sha256=?",
+                    [(r.decision, r.decision, r.label, r.sha256) for r in reviews.itertuples()])
+    con.commit()
+
+def drop_reviewed(con):
+    "Quarantine kept photos reviewed as `drop` (after the split is drawn: they keep theirs)"
+    con.execute("UPDATE files SET status='quarantine', reason='review_drop' WHERE review='drop' AND status IN ('train', 'test')")
+    con.commit()
+
 # %% ../nbs/01_ingest.ipynb #fa97fa32
 MANIFEST_COLS = ['path', 'label', 'status', 'reason', 'split', 'sha256', 'dup_of', 'near_dup_group', 'bytes',
-                 'format', 'mode', 'converted', 'width', 'height', 'brightness', 'contrast', 'phash']
+                 'format', 'mode', 'converted', 'width', 'height', 'brightness', 'contrast', 'phash', 'lake_label', 'review']
 
 def write_manifest(con, path:Path):
     "Stream the `files` table to CSV `path`, one row per lake file in path order"
     q = '''SELECT path, label, status, reason, split, sha256, dup_of, grp, bytes, format, mode,
                   CASE WHEN status IN ('train','test') AND mode != 'RGB' THEN 1 ELSE 0 END, width, height,
-                  brightness, contrast, CASE WHEN phash IS NULL THEN NULL ELSE printf('%016x', phash) END
+                  brightness, contrast, CASE WHEN phash IS NULL THEN NULL ELSE printf('%016x', phash) END, lake_label, review
            FROM files ORDER BY path'''
     with open(path, 'w', newline='') as f:
         w = csv.writer(f); w.writerow(MANIFEST_COLS); w.writerows(con.execute(q))
@@ -254,12 +267,15 @@ def ingest_metrics(con)->dict:
                 near_dup_groups=one('SELECT COUNT(DISTINCT grp) FROM files WHERE grp IS NOT NULL'),
                 near_dup_photos=one('SELECT COUNT(*) FROM files WHERE grp IS NOT NULL'),
                 groups_across_splits=one('SELECT COUNT(*) FROM (SELECT grp FROM files WHERE grp IS NOT NULL GROUP BY grp HAVING COUNT(DISTINCT split)>1)'),
+                reviewed=by('SELECT review, COUNT(*) FROM files WHERE review IS NOT NULL GROUP BY review ORDER BY review'),
                 cached=one('SELECT COUNT(*) FROM files WHERE cached'))
 
 # %% ../nbs/01_ingest.ipynb #90e150d6
-def ingest_lake(data_dir:Path, out_dir:Path, p:IngestParams, cache_dir:Path=None, workers:int=None)->dict:
-    "Write `manifest.csv` and the split ledger `splits.csv` for the lake snapshot `data_dir` into `out_dir`; returns the counts"
+def ingest_lake(data_dir:Path, out_dir:Path, p:IngestParams, cache_dir:Path=None, workers:int=None, reviews=None)->dict:
+    "Write `manifest.csv` and the split ledger `splits.csv` for the lake snapshot `data_dir` into `out_dir`, applying the decisions in `reviews` (default: `out_dir/reviews.csv`); returns the counts"
+    from petpark.review import read_reviews
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    decided = read_reviews(reviews or out_dir/'reviews.csv', list(p.classes))
     if not data_dir.is_dir(): raise PetparkError(f'no lake snapshot at {data_dir}: run `petpark data` (or `dvc update data.dvc`)')
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir or site_path(get_settings().cache_dir))
@@ -268,11 +284,13 @@ def ingest_lake(data_dir:Path, out_dir:Path, p:IngestParams, cache_dir:Path=None
     with closing(sqlite3.connect(work)) as con:
         n = load_rows(con, scan(data_dir, list(p.classes), cache_dir/f'facts-v{CACHE_VERSION}.sqlite', p.max_pixels, workers or p.workers))
         _cache_new(con, cache_dir, p.max_pixels)
+        apply_reviews(con, decided)
         classify(con, list(p.formats), p.min_side)
         group_near_dups(con, p.near_dup_bits)
         quarantine_group_conflicts(con)
         read_ledger(con, out_dir/'splits.csv', p.test_frac, p.split_salt)
         assign_splits(con, p.test_frac, p.split_salt)
+        drop_reviewed(con)
         write_ledger(con, out_dir/'splits.csv', p.test_frac, p.split_salt)
         write_manifest(con, out_dir/'manifest.csv')
         m = ingest_metrics(con)

@@ -26,12 +26,13 @@ def offline_weights(n:int)->str:
     return getattr(mod, f'EfficientnetLite{n}ModelFile').get_model_file_path()
 
 # %% ../nbs/70_model.ipynb #3c8b723e
-def get_backbone(name:str, pretrained:bool=True)->nn.Module:
-    "timm `name` without its classifier (feature maps out), with ImageNet weights from the offline package"
+def get_backbone(name:str, pretrained:bool=True, imagenet_head:bool=False)->nn.Module:
+    "timm `name` without its classifier (feature maps out), or with its pooling and 1,000-class ImageNet classifier; ImageNet weights from the offline package"
     if name not in BACKBONES: raise PetparkError(f"unknown backbone {name!r} in params.yaml: choose one of {list(BACKBONES)}")
-    m = timm.create_model(name, num_classes=0, global_pool='')
+    m = timm.create_model(name) if imagenet_head else timm.create_model(name, num_classes=0, global_pool='')
     if pretrained:
-        src = [v for k, v in torch.load(offline_weights(BACKBONES[name]), map_location='cpu').items() if not k.startswith(('_fc.', 'classifier'))]
+        src = [v for k, v in torch.load(offline_weights(BACKBONES[name]), map_location='cpu').items()
+               if imagenet_head or not k.startswith(('_fc.', 'classifier'))]
         dst = m.state_dict()
         if len(src) != len(dst) or any(v.shape != d.shape for v, d in zip(src, dst.values())):
             raise PetparkError(f'the offline weights for {name} do not match its timm architecture')

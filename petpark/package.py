@@ -11,7 +11,7 @@ import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
 from .core import *
-from .judge import check_gate
+from .judge import check_gate, review_words
 from .model import load_served
 from .registry import Registry, file_hashes
 from .runtime import Contract, LoadedModel, load_inputs, onnx_session, onnx_predict, threshold_labels
@@ -131,6 +131,7 @@ with fastai on the park's lake; served as ONNX ({pk['served']}).
 ## Evaluation (test split, {ev['n']} photos never used in training; threshold {ev['threshold']:.3f})
 - Accuracy **{_pct(ev['accuracy'])}**, ROC AUC {ev['roc_auc']}, average precision {ev['average_precision']}, ECE {ev['ece']}.
 - Decision rule, the same in the metrics, `preds.csv` and the server: {ev.get('threshold_choice', {}).get('why', f"p(positive) ≥ {ev['threshold']:.3f}")}.
+- Test labels {review_words(ev).removeprefix('labels: ')}.
 
 | class | precision | recall | F1 | photos |
 |---|---|---|---|---|

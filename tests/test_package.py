@@ -46,6 +46,19 @@ def test_onnx_matches_pytorch_and_int8_is_measured(pk):
     assert (p32.argmax(1) == p8.argmax(1)).mean() >= 0.6, 'int8 keeps most of the (tiny) model\'s answers'
 
 
+def test_packaged_model_scores_a_folder_with_the_learners_numbers(pk, tmp_path):
+    "`evaluate --images` runs the packaged fp32 model on ONNX Runtime: same probabilities (to parity), labels and figures as the learner"
+    d, lake, ev, res = pk
+    sv = json.loads((d/'package/serving.json').read_text())
+    fast = evaluate_folder(TEST_LAKE, tiny_params(lenient=True, **SMALL), d/'package', out_dir=tmp_path/'fast')
+    assert fast['threshold'] == sv['threshold'] == ev['threshold'] and "packaged model's rule" in fast['threshold_choice']['why']
+    assert (fast['n'], fast['accuracy'], fast['confusion']) == (ev['n'], ev['accuracy'], ev['confusion'])
+    a, b = pd.read_csv(d/'eval/preds.csv'), pd.read_csv(tmp_path/'fast/preds.csv')
+    assert list(a.columns) == list(b.columns) and (a.path == b.path).all() and (a.pred == b.pred).all()
+    assert np.abs(a.p_Dog - b.p_Dog).max() <= 1e-4
+    with pytest.raises(PetparkError, match='choose one of'): evaluate_folder(TEST_LAKE, model_dir=d/'package', variant='fp16')
+
+
 def test_model_card_carries_the_real_figures(pk):
     d, lake, ev, res = pk
     card = (d/'package/model_card.md').read_text()

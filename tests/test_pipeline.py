@@ -64,6 +64,9 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     assert metrics['files'] == len(before) and metrics['reason']['truncated'] == 1
     html = (repo/'reports/02_eda.html').read_text()
     assert 'photos per class and split' in html and 'from petpark' not in html and "<pre>{'" not in html, 'EDA page: figures, no code, no raw dict'
+    assert 'Label review' in html and 'still to review' in html
+    eda = json.loads((repo/'metrics/eda.json').read_text())
+    assert eda['review']['queued'] == len(pd.read_csv(repo/'artifacts/eda/review_queue.csv')) == eda['review']['suspects']
     ev = json.loads((repo/'metrics/evaluate.json').read_text())
     assert ev['gate']['passed'] is False and ev['n'] == len(man[man.status == 'test']), 'a tiny model fails the gate'
     assert 'Confusion' in sh('dvc plots show --json', repo, env)
@@ -112,11 +115,25 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     assert 'changed: commit data.dvc' in sh('petpark data', repo, env)
     assert 'ingest' in sh('dvc status', repo, env)
 
+    # a reviewer decides two photos of the test split (the queue lists suspects); the next repro applies the decisions
+    assert 'photos to review' in sh('petpark review', repo, env)
+    t = man[man.status == 'test']
+    cat, dog = t[t.label == 'Cat'].path.iloc[0], t[t.label == 'Dog'].path.iloc[0]
+    sh(f'petpark review {cat} --relabel Dog --why "a dog behind the cat"', repo, env)
+    sh(f'petpark review {dog} --drop --why "a charity logo, no animal"', repo, env)
+    r = subprocess.run('petpark review Cat/none.jpg --keep --why x', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and 'not a photo of the lake snapshot' in r.stderr + r.stdout
+
     # production's loop: a served prediction walks back to its commit and data; staff labels retrain to staging
     sh("git add -A && git commit -qm 'new lake photo'", repo, env)
     commit = sh('git rev-parse HEAD', repo, env).strip()
     data_md5 = yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5']
-    sh('dvc repro', repo, env)  # v3, trained at this commit on this data
+    sh('dvc repro', repo, env)  # v3, trained at this commit on this data, with the reviewed labels
+    m3 = pd.read_csv(repo/'artifacts/ingest/manifest.csv').set_index('path')
+    assert m3.loc[cat, ['label', 'lake_label', 'split']].tolist() == ['Dog', 'Cat', 'test'] and m3.loc[dog, 'reason'] == 'review_drop'
+    ev = json.loads((repo/'metrics/evaluate.json').read_text())
+    assert (ev['as_labelled']['n'], ev['as_labelled']['relabelled'], ev['as_labelled']['dropped']) == (ev['n'] + 1, 1, 1)
+    assert '1 relabelled and 1 dropped by review' in (repo/'reports/06_package_card.md').read_text()
     sh('petpark registry promote v3 staging', repo, env)
     env.update(PETPARK_STAFF_TOKEN='staff', PETPARK_DB_URL=f'sqlite:///{tmp_path}/log.sqlite', PETPARK_USER='po-paula',
                PETPARK_REGISTRY_DIR=str(repo/'registry'))  # the server runs from this checkout, not the copy's
