@@ -48,6 +48,7 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'), WANDB_MODE='offline',
                GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
     set_params(repo/'params.yaml', **TINY)
+    (repo/'artifacts/ingest/reviews.csv').write_text('sha256,path,decision,label,by,date,why\n')  # this lake's review has not begun
     sh('git init -q && git add -A && git commit -qm base', repo, env)
     out = sh('petpark data', repo, env)
     assert 'data/ holds the lake' in out and (repo/'data/Cat').is_dir()
