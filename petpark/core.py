@@ -6,11 +6,11 @@
 __all__ = ['PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings', 'site_root', 'site_path',
            'lake_path', 'BaseParams', 'IngestParams', 'ReviewParams', 'EdaParams', 'SearchParams', 'TrainParams',
            'EvaluateParams', 'ExplainParams', 'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams',
-           'Params', 'load_params', 'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'data_dvc_md5', 'to_rgb',
-           'open_rgb', 'model_input', 'photo_grid']
+           'Params', 'load_params', 'override', 'write_metrics', 'get_logger', 'sha256_bytes', 'HashCache',
+           'data_dvc_md5', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
-import configparser, hashlib, io, json, logging, os, sys
+import configparser, hashlib, io, json, logging, os, sqlite3, sys
 from dataclasses import dataclass, fields, asdict, is_dataclass, MISSING
 from pathlib import Path
 import numpy as np, yaml
@@ -203,6 +203,21 @@ def get_logger(name='petpark')->logging.Logger:
 def sha256_bytes(b:bytes)->str:
     "Hex SHA-256 of `b`"
     return hashlib.sha256(b).hexdigest()
+
+class HashCache:
+    "Values keyed by content hash and a `key` (what they were computed under) in a SQLite file that several processes may read; `encode`/`decode` turn a value into bytes and back"
+    def __init__(self, path, encode=lambda v: json.dumps(v).encode(), decode=json.loads):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.con = sqlite3.connect(path, timeout=60)
+        self.con.execute('PRAGMA journal_mode=WAL')
+        self.con.execute('CREATE TABLE IF NOT EXISTS kv(sha TEXT, key TEXT, value BLOB, PRIMARY KEY(sha, key))')
+        self.encode, self.decode = encode, decode
+    def get(self, sha:str, key=''):
+        row = self.con.execute('SELECT value FROM kv WHERE sha=? AND key=?', (sha, str(key))).fetchone()
+        return self.decode(row[0]) if row else None
+    def put_many(self, rows):
+        "Store `(sha, key, value)` rows in one transaction"
+        with self.con: self.con.executemany('INSERT OR REPLACE INTO kv VALUES (?,?,?)', [(s, str(k), self.encode(v)) for s, k, v in rows])
 
 def data_dvc_md5(root=None)->str|None:
     "The lake snapshot the project pins: the md5 of `data.dvc`'s output, or None before `petpark data`"

@@ -75,7 +75,7 @@ def eda_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data
     "The EDA stage: the label review's suspects and queue (`out_dir`), headline counts and per-class statistics of the manifest (`metrics`)"
     P, man, out = params or load_params(), pd.read_csv(proj_path(manifest)), proj_path(out_dir)
     r, classes = P.eda.review, list(P.ingest.classes)
-    cache = Path(cache_dir or site_path(get_settings().cache_dir))/f'review-{r.backbone}-{r.img_size}.sqlite'
+    cache = Path(cache_dir or site_path(get_settings().cache_dir))/f'frozen-{r.backbone}-{r.img_size}.sqlite'
     sus = review_lake(man, proj_path(data_dir), r, classes, cache)
     queue = review_queue(sus, read_reviews(proj_path(reviews), classes))
     out.mkdir(parents=True, exist_ok=True)
