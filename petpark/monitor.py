@@ -95,7 +95,7 @@ def wilson(k:int, n:int, z:float=1.96)->tuple:
     "95% Wilson interval of a proportion `k`/`n`"
     if not n: return (0.0, 1.0)
     p = k/n; d = 1 + z*z/n; c = (p + z*z/(2*n))/d; h = z*np.sqrt(p*(1 - p)/n + z*z/(4*n*n))/d
-    return (float(max(0, c - h)), float(min(1, c + h)))
+    return (float(max(0, min(p, c - h))), float(min(1, max(p, c + h))))  # contains k/n exactly: at k = n, c + h rounds to 1 - 1e-16
 
 def bbse_share(pred_share:float, confusion:np.ndarray)->float:
     "Black-box shift estimate of the true positive-class share from the predicted share and the validation confusion matrix"
