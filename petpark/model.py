@@ -8,8 +8,11 @@ __all__ = ['LITE_STATS', 'BACKBONES', 'OUTPUTS', 'offline_weights', 'get_backbon
            'served_model', 'load_served', 'torch_predict_fn']
 
 # %% ../nbs/70_model.ipynb #613a9756
-import json, subprocess
+import json, subprocess, warnings
 from pathlib import Path
+# timm and fastai script a few layers with torch.jit at import, which torch 2.14 deprecates: a warning for their
+# maintainers that no reader of a stage page can act on (it showed on the EDA and evaluate pages)
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 import numpy as np, pandas as pd, torch, timm, yaml
 from torch import nn
 from fastai.vision.all import create_head, progress_bar
