@@ -46,9 +46,9 @@ def photo_preds(rows:pd.DataFrame, root:Path, model_dir='models', variant:str='f
 def as_labelled(preds:pd.DataFrame, rows:pd.DataFrame)->dict:
     "Accuracy of labelled `preds` against the lake's own labels of manifest `rows` (before review), and how many photos review changed"
     lake, rv = rows.lake_label.fillna(rows.label).values, rows.review.astype(object).fillna('').values
-    wrong = (rv == 'drop') | ((rv == 'relabel') & (rows.label.values != lake))
+    relabelled = (rv == 'relabel') & (rows.label.values != lake)
     return dict(n=len(rows), accuracy=round(float((preds.pred.values == lake).mean()), 6),
-                relabelled=int(((rv == 'relabel') & (rows.label.values != lake)).sum()), dropped=int((rv == 'drop').sum()),
+                relabelled=int(relabelled.sum()), dropped=int((rv == 'drop').sum()),
                 why='the test split as the lake labels it, with the photos review found wrong (relabelled or dropped) scored against their lake label')
 
 def score_photos(rows:pd.DataFrame, root:Path, p:EvaluateParams, model_dir='models', valid_preds='artifacts/train/valid_preds.csv',
