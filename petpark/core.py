@@ -127,7 +127,7 @@ class SearchParams: lrs:list; subset:int; img_size:int; budget_s:float
 @dataclass(frozen=True)
 class TrainParams:
     backbone:str; img_size:int; bs:int; valid_frac:float; freeze_epochs:int; epochs:int; lr:float; wd:float
-    max_train:int; tta:bool; search:SearchParams
+    label_smoothing:float; max_train:int; tta:bool; search:SearchParams
 
 @dataclass(frozen=True)
 class EvaluateParams:

@@ -76,13 +76,14 @@ class FrozenBNStats(Callback):
         for m in self.model[0].modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
 
-def get_learner(dls, backbone:str, wd:float, pretrained:bool=True, cbs=None)->Learner:
-    "A fastai `Learner` on `dls` with the offline backbone in channels-last format; body frozen"
-    learn = Learner(dls, get_model(backbone, dls.c, pretrained), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
+def get_learner(dls, backbone:str, wd:float, pretrained:bool=True, cbs=None, label_smoothing:float=0.)->Learner:
+    "A fastai `Learner` on `dls` with the offline backbone in channels-last format, cross-entropy with `label_smoothing`; body frozen"
+    learn = Learner(dls, get_model(backbone, dls.c, pretrained), loss_func=CrossEntropyLossFlat(label_smoothing=label_smoothing), metrics=accuracy,
                     splitter=default_split, wd=wd, train_bn=False, cbs=[ChannelsLast(), FrozenBNStats(), *(cbs or [])])
     learn.freeze()
     return learn
 
+# %% ../nbs/03_train.ipynb #488758c0
 def _last_values(learn)->dict:
     "The last epoch's losses and metrics by name"
     return dict(zip(learn.recorder.metric_names[1:-1], map(float, learn.recorder.values[-1])))
@@ -106,8 +107,8 @@ def search_lr(items:pd.DataFrame, root:Path, p:TrainParams, seed:int, group:str=
     for i, lr in enumerate(s.lrs):
         if rows and time.time() - t0 > s.budget_s: break
         set_seed(seed, reproducible=True)
-        learn = get_learner(get_dls(sub, root, s.img_size, p.bs, seed), p.backbone, p.wd)
-        cfg = dict(trial=i, lr=lr, subset=s.subset, img_size=s.img_size, bs=p.bs, wd=p.wd, backbone=p.backbone)
+        learn = get_learner(get_dls(sub, root, s.img_size, p.bs, seed), p.backbone, p.wd, label_smoothing=p.label_smoothing)
+        cfg = dict(trial=i, lr=lr, subset=s.subset, img_size=s.img_size, bs=p.bs, wd=p.wd, label_smoothing=p.label_smoothing, backbone=p.backbone)
         rows.append({**cfg, **fit_run(learn, f'search-{i}', cfg, lambda l: l.fit_one_cycle(1, lr), 'search', group)})
         wandb.finish()
     return pd.DataFrame(rows).sort_values(['accuracy', 'valid_loss'], ascending=[False, True]).reset_index(drop=True)
@@ -129,8 +130,9 @@ def fine_tune_model(items:pd.DataFrame, root:Path, p:TrainParams, lr:float, seed
     "fastai `fine_tune` on all of `items` with `p`'s schedule and learning rate `lr`; returns the learner, final metrics and history"
     set_seed(seed, reproducible=True)
     log = EpochLog()
-    learn = get_learner(get_dls(items, root, p.img_size, p.bs, seed), p.backbone, p.wd, cbs=[log])
-    cfg = dict(lr=lr, img_size=p.img_size, bs=p.bs, freeze_epochs=p.freeze_epochs, epochs=p.epochs, wd=p.wd, backbone=p.backbone, **(config or {}))
+    learn = get_learner(get_dls(items, root, p.img_size, p.bs, seed), p.backbone, p.wd, cbs=[log], label_smoothing=p.label_smoothing)
+    cfg = dict(lr=lr, img_size=p.img_size, bs=p.bs, freeze_epochs=p.freeze_epochs, epochs=p.epochs, wd=p.wd,
+               label_smoothing=p.label_smoothing, backbone=p.backbone, **(config or {}))
     res = fit_run(learn, 'final', cfg, lambda l: l.fine_tune(p.epochs, lr, freeze_epochs=p.freeze_epochs), 'train', group)
     learn.remove_cb(log)  # training bookkeeping, not part of the exported model
     return learn, res, pd.DataFrame(log.rows)
