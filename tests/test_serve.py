@@ -109,6 +109,24 @@ def test_feedback_is_recorded_against_the_logged_prediction(srv):
     assert rows[1][5] == 'staging' and rows[1][6] > 0
     kept = srv.db.parent/'photos'/rows[1][4][:2]/f'{rows[1][4]}.img'
     assert kept.read_bytes() == (TEST_LAKE/'Dog/3.jpg').read_bytes(), 'the photo is kept by content hash, for retraining'
+    assert httpx.post(srv.url + '/feedback', json={'request_id': rid, 'label': 'Dog', 'item': 10**30}, headers=staff).status_code == 422, \
+        'an item past any request is refused, not an overflow in the log (schemathesis found the 500)'
+
+
+def test_the_api_schema_tells_the_truth(reg, env):
+    """Schemathesis, an outside OpenAPI fuzzer, runs every check against a live server: requests valid by the schema are
+    accepted (its uploads are real lake photos, see schemathesis_hooks.py), invalid ones refused with a documented
+    status and body, answers match their declared models and content types, both tokens enforced, no 5xx"""
+    s = Server(reg[0])  # its own server: the fuzzer logs hundreds of predictions
+    try:
+        here = Path(__file__).parent
+        r = subprocess.run(['schemathesis', '--config-file', 'schemathesis.toml', 'run', s.url + '/openapi.json', '--checks', 'all',
+                            '-H', 'X-Admin-Token: s3cret', '-H', 'X-Staff-Token: staff', '--max-examples', '40', '--seed', '1'],
+                           cwd=here, env={**env, 'SCHEMATHESIS_HOOKS': 'schemathesis_hooks', 'PYTHONPATH': str(here)},
+                           capture_output=True, text=True, timeout=600)
+    finally: s.stop()
+    summary = r.stdout[r.stdout.find('SUMMARY'):]
+    assert r.returncode == 0 and 'No issues found' in summary and 'Tested: 7' in summary, r.stdout[-6000:] + r.stderr[-2000:]
 
 
 def test_the_server_records_the_hosts_telemetry(srv):
