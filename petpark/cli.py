@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['STAGES', 'COMMANDS', 'data', 'run_stage', 'ingest', 'eda', 'review', 'train', 'evaluate', 'explain', 'package',
-           'repro', 'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'retrain', 'dashboard', 'lineage',
-           'bench', 'main']
+           'experiments', 'repro', 'registry', 'serve', 'preprod_test', 'camera', 'monitor', 'retrain', 'dashboard',
+           'lineage', 'bench', 'main']
 
 # %% ../nbs/90_cli.ipynb #d942538e
 import importlib, json, os, shutil, subprocess, sys, tempfile, time
@@ -138,6 +138,20 @@ def explain(image:Annotated[str, 'a photo file to explain; none: run the explain
 def package(no_dvc:store_true=False): # call the stage function directly, outside DVC (outputs not tracked)
     "Export, check, quantise, document and register the trained model (`dvc repro package`; refuses a failed gate)"
     run_stage('package', no_dvc)
+
+# %% ../nbs/90_cli.ipynb #9b779b31
+@call_parse
+def experiments(commits:int=1, # list the experiments of this many commits back from HEAD (`dvc exp show -n`)
+                out:str='reports/experiments.md'): # the table as Markdown, with a CSV beside it
+    "The recipes tried with `dvc exp run`, each with its train minutes and test accuracy with the 95% interval"
+    from petpark.evaluate import experiment_table, experiments_markdown
+    df = experiment_table(json.loads(_dvc('exp', 'show', '--json', '-n', commits)))
+    if df.empty: raise PetparkError('no commit or experiment with test metrics: run `dvc exp run --queue -S train.…` and `dvc queue start` first')
+    out = proj_path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out.with_suffix('.csv'), index=False)
+    out.write_text('# Recipes compared (`petpark experiments`, from `dvc exp show`)\n\nTest split accuracy at the packaged decision '
+                   'rule, with its 95% Wilson interval; `train_min`: the train stage on 2 CPU cores.\n\n' + experiments_markdown(df))
+    print(df.to_string(index=False)); print(f'written: {out}')
 
 # %% ../nbs/90_cli.ipynb #09f8ad5d
 @call_parse
@@ -363,7 +377,7 @@ def bench(what:str, # what to benchmark: `ingest`, `latency`, `evaluate`, `serve
 
 # %% ../nbs/90_cli.ipynb #6ed5165f
 COMMANDS = {'data': data, 'ingest': ingest, 'eda': eda, 'review': review, 'train': train, 'evaluate': evaluate, 'explain': explain, 'package': package,
-            'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'monitor': monitor, 'retrain': retrain, 'lineage': lineage,
+            'experiments': experiments, 'repro': repro, 'registry': registry, 'serve': serve, 'preprod-test': preprod_test, 'camera': camera, 'monitor': monitor, 'retrain': retrain, 'lineage': lineage,
             'dashboard': dashboard, 'bench': bench}
 
 def main(argv:list=None)->int:

@@ -91,8 +91,8 @@ def daily_trends(db, since:float, until:float, positive:str='Dog', stage:str=Non
     return _with_intervals(out)
 
 def _with_intervals(d:pd.DataFrame)->pd.DataFrame:
-    "Feedback accuracy per day with its 95% Wilson interval (the monitor's `wilson`)"
-    from petpark.monitor import wilson
+    "Feedback accuracy per day with its 95% Wilson interval (`judge.wilson`)"
+    from petpark.judge import wilson
     iv = [wilson(k, n) if n else (np.nan, np.nan) for k, n in zip(d.feedback_right, d.feedback)]
     return d.assign(feedback_acc=d.feedback_right/d.feedback.where(d.feedback > 0), acc_lo=[a for a, _ in iv], acc_hi=[b for _, b in iv])
 

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['GRAY', 'DRIFT_ACTION', 'ALERTS_SCHEMA', 'build_reference', 'save_reference', 'load_reference', 'read_window',
-           'mmd_test', 'pca_fit', 'holm', 'wilson', 'bbse_share', 'drift_checks', 'prediction_checks', 'model_checks',
+           'mmd_test', 'pca_fit', 'holm', 'bbse_share', 'drift_checks', 'prediction_checks', 'model_checks',
            'telemetry_checks', 'host_check', 'post_webhook', 'update_alerts', 'monitor_window', 'served_version',
            'served_reference', 'run_monitor', 'monitor_text', 'export_window', 'open_alerts', 'monitor_stage',
            'fig_window']
@@ -17,7 +17,7 @@ from scipy import stats
 from .core import *
 from .runtime import LoadedModel, decode_photo, onnx_predict
 from .serve import HOST_FACTS
-from .judge import share_words
+from .judge import share_words, wilson
 
 # %% ../nbs/07_monitor.ipynb #b36507b6
 def build_reference(model:LoadedModel, paths:list, valid:pd.DataFrame=None)->dict:
@@ -90,12 +90,6 @@ def holm(pvals:dict)->dict:
     names, out, run = sorted(pvals, key=pvals.get), {}, 0.0
     for i, n in enumerate(names): run = max(run, min(1.0, (len(names) - i)*pvals[n])); out[n] = run
     return out
-
-def wilson(k:int, n:int, z:float=1.96)->tuple:
-    "95% Wilson interval of a proportion `k`/`n`"
-    if not n: return (0.0, 1.0)
-    p = k/n; d = 1 + z*z/n; c = (p + z*z/(2*n))/d; h = z*np.sqrt(p*(1 - p)/n + z*z/(4*n*n))/d
-    return (float(max(0, min(p, c - h))), float(min(1, max(p, c + h))))  # contains k/n exactly: at k = n, c + h rounds to 1 - 1e-16
 
 def bbse_share(pred_share:float, confusion:np.ndarray)->float:
     "Black-box shift estimate of the true positive-class share from the predicted share and the validation confusion matrix"

@@ -94,6 +94,7 @@ def serving_meta(meta:dict, P:Params, threshold:float, served:str, gate:dict, fi
 
 # %% ../nbs/06_package.ipynb #cb454b8b
 def _pct(x): return f'{x:.2%}'
+def _interval(ev): return f" (95% interval {_pct(ev['accuracy_ci95'][0])} to {_pct(ev['accuracy_ci95'][1])})" if 'accuracy_ci95' in ev else ''
 
 def model_card(meta:dict, ev:dict, pk:dict, ex:dict|None, P:Params, version:str|None=None):
     "A `huggingface_hub.ModelCard` for the packaged model from its description and the evaluate/package/explain metrics"
@@ -129,7 +130,7 @@ with fastai on the park's lake; served as ONNX ({pk['served']}).
   invalid, duplicate and label-conflicting files were quarantined by ingest.
 
 ## Evaluation (test split, {ev['n']} photos never used in training; threshold {ev['threshold']:.3f})
-- Accuracy **{_pct(ev['accuracy'])}**, ROC AUC {ev['roc_auc']}, average precision {ev['average_precision']}, ECE {ev['ece']}.
+- Accuracy **{_pct(ev['accuracy'])}**{_interval(ev)}, ROC AUC {ev['roc_auc']}, average precision {ev['average_precision']}, ECE {ev['ece']}.
 - Decision rule, the same in the metrics, `preds.csv` and the server: {ev.get('threshold_choice', {}).get('why', f"p(positive) ≥ {ev['threshold']:.3f}")}.
 - Test labels {review_words(ev).removeprefix('labels: ')}.
 
