@@ -110,12 +110,14 @@ def experiment_table(exp_show:list)->pd.DataFrame:
         if not ev.get('n'): return
         t = (data.get('params') or {}).get('params.yaml', {}).get('data', {}).get('train', {})
         right = round(ev['accuracy']*ev['n']); lo, hi = wilson(right, ev['n'])
-        rows.append(dict(experiment=name, rev=rev[:7], **{k: t.get(k) for k in RECIPE}, lr_search=bool((t.get('search') or {}).get('lrs')),
+        recipe = {**{k: t.get(k) for k in RECIPE}, 'lr': tr.get('lr', t.get('lr'))}  # the learning rate used: the search's pick, where it ran
+        rows.append(dict(experiment=name, rev=rev[:7], **recipe, lr_search=bool((t.get('search') or {}).get('lrs')),
                          train_min=round(tr['seconds']/60, 1) if 'seconds' in tr else None, n=ev['n'], errors=ev['n'] - right,
                          accuracy=ev['accuracy'], ci95_low=round(lo, 4), ci95_high=round(hi, 4)))
     for c in exp_show:
         add(c.get('name') or ('workspace' if c['rev'] == 'workspace' else c['rev'][:7]), c['rev'], c.get('data'))
         for e in c.get('experiments') or []:
+            if (e.get('executor') or {}).get('state') in ('queued', 'running'): continue  # its copy still holds the commit's metrics
             for r in e.get('revs') or []: add(r.get('name') or e.get('name') or r['rev'][:7], r['rev'], r.get('data'))
     df = pd.DataFrame(rows)
     return df.drop_duplicates(subset=[c for c in df if c not in ('experiment', 'rev')], keep='last') if len(df) else df  # the workspace as its commit
