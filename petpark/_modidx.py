@@ -414,6 +414,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'petpark.testing.free_port': ('testing.html#free_port', 'petpark/testing.py'),
                                  'petpark.testing.lesson_model': ('testing.html#lesson_model', 'petpark/testing.py'),
                                  'petpark.testing.lesson_package': ('testing.html#lesson_package', 'petpark/testing.py'),
+                                 'petpark.testing.lesson_registry': ('testing.html#lesson_registry', 'petpark/testing.py'),
                                  'petpark.testing.read_wandb_run': ('testing.html#read_wandb_run', 'petpark/testing.py'),
                                  'petpark.testing.tiny_params': ('testing.html#tiny_params', 'petpark/testing.py'),
                                  'petpark.testing.trim_outputs': ('testing.html#trim_outputs', 'petpark/testing.py'),

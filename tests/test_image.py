@@ -3,8 +3,7 @@ on a free loopback port with a registered model mounted read-only at /model: pho
 no PyTorch inside, not root"""
 import json, os, shutil, subprocess, time
 import httpx, pytest
-from petpark.registry import Registry
-from petpark.testing import free_port, lesson_package
+from petpark.testing import free_port, lesson_registry
 from conftest import ROOT, TEST_LAKE
 
 IMAGE, BASE = 'petpark-serve', 'petpark-base:bookworm'
@@ -38,10 +37,8 @@ def model_dir(tmp_path_factory):
     "The verified files of a registered lesson model, as `petpark registry fetch` gives them, readable by any user"
     d = tmp_path_factory.mktemp('image')
     os.environ['WANDB_MODE'] = 'disabled'
-    r = Registry(d/'registry', 'petpark-classifier')
-    v = r.register(lesson_package(d, 'a', True), dict(gate={'passed': True, 'reasons': []}))
     out = d/'model'
-    r.fetch(v['version'], out)
+    lesson_registry(d).fetch('v1', out)
     out.chmod(0o755)
     for p in out.iterdir(): p.chmod(0o644)
     return out

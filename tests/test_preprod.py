@@ -1,8 +1,7 @@
 "Release on real servers: pre-production tests (failing and passing), QA approval, promotion to prod, rollback, the camera, the serving benchmark"
 import json, os, shutil, sqlite3, subprocess, time
 import httpx, pytest, yaml
-from petpark.registry import Registry
-from petpark.testing import Served, lesson_package
+from petpark.testing import Served, lesson_package, lesson_registry
 from conftest import ROOT, TEST_LAKE, venv_env
 
 
@@ -11,9 +10,7 @@ def site(tmp_path_factory):
     "A QA site: two tiny registered versions, v1 in staging, and a copy of the project whose params are loose enough for them"
     d = tmp_path_factory.mktemp('release')
     os.environ['WANDB_MODE'] = 'disabled'
-    reg = Registry(d/'registry', 'petpark-classifier')
-    for name, tta in [('a', True), ('b', False)]:
-        reg.register(lesson_package(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
+    reg = lesson_registry(d, [True, False])
     reg.promote('v1', 'staging', by='test')
     qa = d/'qa'; qa.mkdir()
     for f in ['pyproject.toml', 'settings.ini']: shutil.copy(ROOT/f, qa/f)

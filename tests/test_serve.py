@@ -2,8 +2,7 @@
 import os, signal, sqlite3, subprocess, sys, threading, time
 from pathlib import Path
 import httpx, pytest
-from petpark.registry import Registry
-from petpark.testing import Served, lesson_package
+from petpark.testing import Served, lesson_registry
 from conftest import TEST_LAKE, venv_env
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
@@ -13,9 +12,7 @@ LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1
 def reg(tmp_path_factory):
     d = tmp_path_factory.mktemp('serve')
     os.environ['WANDB_MODE'] = 'disabled'
-    r = Registry(d/'registry', 'petpark-classifier')
-    for name, tta in [('a', True), ('b', False)]:
-        r.register(lesson_package(d, name, tta), dict(gate={'passed': True, 'reasons': []}))
+    r = lesson_registry(d, [True, False])
     r.promote('v1', 'staging')
     return d, r
 
