@@ -394,6 +394,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'petpark.serve.ReloadOut': ('serve.html#reloadout', 'petpark/serve.py'),
                                'petpark.serve.VersionOut': ('serve.html#versionout', 'petpark/serve.py'),
                                'petpark.serve._err': ('serve.html#_err', 'petpark/serve.py'),
+                               'petpark.serve._media_type': ('serve.html#_media_type', 'petpark/serve.py'),
                                'petpark.serve._metrics': ('serve.html#_metrics', 'petpark/serve.py'),
                                'petpark.serve._offline_docs': ('serve.html#_offline_docs', 'petpark/serve.py'),
                                'petpark.serve._predict_body': ('serve.html#_predict_body', 'petpark/serve.py'),

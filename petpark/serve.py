@@ -11,11 +11,10 @@ __all__ = ['LOG_SCHEMA', 'HOST_FACTS', 'PHOTO_TYPES', 'ModelHolder', 'db_path', 
 import io, json, os, sqlite3, threading, time, uuid
 from pathlib import Path
 import numpy as np
-from typing import Literal
 from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse, Response, PlainTextResponse
 from fastapi.security import APIKeyHeader
-from typing import Annotated
+from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 from starlette.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Histogram, Gauge, generate_latest, CONTENT_TYPE_LATEST
@@ -210,6 +209,10 @@ def feedback_model(classes, max_files:int=16)->type:
 
 PHOTO_TYPES = ['image/jpeg', 'image/png', 'image/webp', 'image/bmp', 'application/octet-stream']  # a raw body of any of these
 
+def _media_type(request:Request)->str:
+    "The request's content type without its parameters, lower case ('' when none)"
+    return request.headers.get('content-type', '').split(';')[0].strip().lower()
+
 def _refusals(*statuses)->dict:
     "OpenAPI `responses` for refusals with these statuses, each with the error body"
     why = {400: 'the body could not be read', 403: 'the token is missing or wrong', 404: 'no such logged request',
@@ -271,7 +274,7 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
     FeedbackIn = feedback_model(holder.current.classes if holder.current else ['Cat', 'Dog'], max_files)
 
     async def read_photos(request:Request)->list:
-        ctype = request.headers.get('content-type', '').split(';')[0].strip().lower()
+        ctype = _media_type(request)
         if int(request.headers.get('content-length') or 0) > max_bytes*max_files + 65536:
             raise BadInput(413, 'too_large', f'the request is over {max_bytes*max_files:,} bytes; send fewer or smaller photos')
         if ctype == 'multipart/form-data':
@@ -339,7 +342,7 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
             if not staff_token or token != staff_token:
                 raise BadInput(403, 'forbidden', 'feedback becomes training data: send the X-Staff-Token header (the staff_token setting, '
                                                  'PETPARK_STAFF_TOKEN on the server)')
-            if request.headers.get('content-type', '').split(';')[0].strip().lower() != 'application/json':
+            if _media_type(request) != 'application/json':
                 raise BadInput(415, 'unsupported_media_type', 'send the label as application/json')
             try: body = await request.json()
             except Exception: raise BadInput(400, 'bad_json', 'send JSON: {"request_id": "...", "label": "Cat"|"Dog", "item": 0}')
