@@ -400,7 +400,7 @@ def experiment_table(exp_show:list)->pd.DataFrame:
 def experiments_markdown(df:pd.DataFrame)->str:
     "`experiment_table` as a Markdown table, accuracy and its interval in percent"
     d = df.drop(columns=['ci95_low', 'ci95_high']).astype(object)
-    d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=[str(v) for v in df.lr],
-                                        label_smoothing=[str(v) for v in df.label_smoothing],
+    plain = lambda col: [None if pd.isna(v) else str(v) for v in col]  # as written in params.yaml; blank for a commit before the knob
+    d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=plain(df.lr), label_smoothing=plain(df.label_smoothing),
                                         ci95=[f'{lo:.2%} to {hi:.2%}' for lo, hi in zip(df.ci95_low, df.ci95_high)])
     return _md_table(d.assign(train_min=[None if v is None else f'{v:.1f}' for v in d.train_min]))
