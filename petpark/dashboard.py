@@ -6,10 +6,10 @@
 __all__ = ['DASHBOARDS', 'DRIFT_STATS', 'CSS', 'POLL_S', 'FILL_DELAY_S', 'LAB_DENY', 'CHROMIUM', 'PAINTED', 'workspace',
            'ws_path', 'read_json', 'local_day', 'day_start', 'log_span', 'daily_trends', 'daily_drift', 'demo_site',
            'fig_trends', 'fig_quality', 'fig_compare', 'fig_timeline', 'fig_data', 'html_table', 'png_b64',
-           'photo_strip', 'card_sections', 'md_html', 'plot', 'replot', 'say', 'guarded', 'site_registry', 'when',
-           'gate_words', 'version_facts', 'version_html', 'worst_errors', 'shap_tile', 'alerts_html', 'template_root',
-           'serve_dir', 'PatientChannel', 'VoilaKernelClient', 'voila_cmd', 'voila_env', 'Dashboard', 'browser',
-           'open_page', 'take_screenshots', 'bench_dashboard', 'serve_dashboards']
+           'photo_strip', 'card_sections', 'md_html', 'plot', 'replot', 'say', 'guarded', 'section', 'page',
+           'site_registry', 'when', 'gate_words', 'version_facts', 'version_html', 'worst_errors', 'shap_tile',
+           'alerts_html', 'template_root', 'serve_dir', 'PatientChannel', 'VoilaKernelClient', 'voila_cmd', 'voila_env',
+           'Dashboard', 'browser', 'open_page', 'take_screenshots', 'bench_dashboard', 'serve_dashboards']
 
 # %% ../nbs/94_dashboard.ipynb #9979b43d
 import base64, io, json, os, shutil, sqlite3, subprocess, sys, time
@@ -339,6 +339,16 @@ def guarded(build, what:str):
     except PetparkError as e: return say(f'{what} cannot be shown: {e}', 'bad')
     except Exception as e: return say(f'{what} cannot be shown ({type(e).__name__}: {e}).', 'bad')
 
+def section(title:str, body, words:str='', level:int=2)->list:
+    "A part of a page: its heading, `words` (markdown) under it, and `body` (a widget)"
+    import ipywidgets as W
+    return [W.HTML(md_html('#'*level + f' {title}\n\n{words}')), body]
+
+def page(*sections)->'widgets.VBox':
+    "A dashboard's `section`s as its one widget, displayed once by its last cell (see \"One widget a page\" above)"
+    import ipywidgets as W
+    return W.VBox([w for s in sections for w in s])
+
 def site_registry():
     "The site's registry, or None when nothing was registered yet (a page must not create it)"
     from petpark.registry import Registry
@@ -437,7 +447,7 @@ def serve_dir(port:int, nbs='nbs')->Path:
 # edge-triggered file descriptor, and that wake-up had been lost. The kernel clients Voila renders pages with keep the
 # unbounded wait, and every `POLL_S` seconds of it re-check the socket's level, which delivers a message whose wake-up
 # was lost. (Bounded polls in a loop also end the hangs, but changed the timing enough for ipywidgets to report
-# "widget model not found" on most pages.)
+# "widget model not found" on most pages, when pages still had several widget outputs: see "One widget a page".)
 POLL_S = 0.5
 
 class PatientChannel(AsyncZMQSocketChannel):
@@ -462,8 +472,8 @@ class VoilaKernelClient(AsyncKernelClient):
 # (seen on half the loads under load, none of 7 with the refill 20 s later). Refill once the page has painted.
 # The price: a second visitor of the same dashboard in the next ~20 s gets a kernel that is still preheating, and waits
 # for it (`Dashboard.settle` waits for every pool to be ready, so that tests measure a preheated page).
-# Still open: with every pool ready and the machine quiet, ipywidgets sometimes logs "widget model not found" for
-# one to three of a page's widgets (seen on most loads in one run of 8, on 2 of 8 in another); the page still paints.
+# (The "widget model not found" seen with every pool ready came from pages with several widget outputs, see "One
+# widget a page" above: one to three of them were never drawn.)
 FILL_DELAY_S = 10
 
 def voila_cmd(root_dir, port:int, cull_s:int=900)->list:

@@ -5,11 +5,10 @@ from petpark.dashboard import DASHBOARDS, Dashboard, browser, demo_site, open_pa
 from conftest import venv_env
 
 playwright = pytest.importorskip('playwright.sync_api')
-# Voila used to stop sending a page now and then (a lost zmq wake-up, fixed by `petpark.dashboard.VoilaKernelClient`),
-# but ipywidgets still logs "widget model not found" for some widgets on some loads, which the no-console-error checks
-# catch. Until that is understood, the browser tests are opt-in: PETPARK_BROWSER_TESTS=1 runs them.
-browser_test = pytest.mark.skipif(not os.path.exists(os.environ.get('PETPARK_CHROMIUM', '/usr/bin/chromium')) or os.environ.get('PETPARK_BROWSER_TESTS') != '1',
-                                  reason='browser tests are opt-in (PETPARK_BROWSER_TESTS=1, with Chromium)')
+# A page shows one widget (see "One widget a page" in nbs/94_dashboard.ipynb): with several, ipywidgets 8.1.9 sometimes
+# failed to draw one ("widget model not found" in the console) while another drew its charts.
+browser_test = pytest.mark.skipif(not os.path.exists(os.environ.get('PETPARK_CHROMIUM', '/usr/bin/chromium')),
+                                  reason='no Chromium (/usr/bin/chromium or PETPARK_CHROMIUM)')
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +59,7 @@ def test_voila_runs_every_dashboard_on_loopback_without_errors_or_cdn(dash):
         dash.settle()
         html = httpx.get(dash.render_url(name), timeout=120).text
         assert 'There was an error when executing cell' not in html and 'Traceback' not in html, name
-        assert 'application/vnd.jupyter.widget-view+json' in html, name  # the page's controls and charts
+        assert html.count('application/vnd.jupyter.widget-view+json') == 1, name  # the page's controls and charts, in one widget
         assert not [u for u in re.findall(r'(?:src|href)="(https?://[^"]+)"', html) if not u.startswith(dash.url)], name
 
 
@@ -79,7 +78,7 @@ def test_every_dashboard_paints_offline_without_errors(page, dash, name):
     plots = page.evaluate(PLOTS)
     assert plots and all(svg and n > 0 for svg, n in plots), plots  # every chart drawn, with data
     text = page.inner_text('body')
-    for bad in ['Traceback', 'cannot be shown', 'Warning', "{'", 'There was an error', 'Loading widget']: assert bad not in text, bad
+    for bad in ['Traceback', 'cannot be shown', 'Warning', "{'", 'There was an error', 'Loading widget', 'Error displaying widget']: assert bad not in text, bad
     assert page.errors == [], page.errors
     assert offsite(page, dash) == []  # plotly.js, widgets and styles all come from the loopback server
 
