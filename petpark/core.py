@@ -66,6 +66,8 @@ class Settings:
     registry:str; registry_dir:str               # the model registry: its name and folder
     db_url:str                                   # the inference log
     serve_host:str; serve_port:int; serve_reload_s:float; serve_max_bytes:int; serve_max_files:int
+    ingest_engine:str='pool'                     # where ingest decodes: pool (processes here) or dask (a Dask cluster); same manifest
+    dask_scheduler:str=''                        # the Dask cluster's scheduler address; empty: a LocalCluster started for the run
     alert_webhook:str=''                         # where `petpark monitor` posts new alerts (empty: nowhere)
     admin_token:str=''                           # secret: set PETPARK_ADMIN_TOKEN, never the file
     staff_token:str=''                           # secret for POST /feedback (labels become training data): PETPARK_STAFF_TOKEN

@@ -78,3 +78,43 @@ def test_missing_snapshot_is_a_clear_error(tmp_path):
     from petpark.core import PetparkError
     with pytest.raises(PetparkError, match='petpark data'):
         ingest_lake(tmp_path/'nothing', tmp_path/'out', load_params().ingest, cache_dir=tmp_path/'cache')
+
+
+def test_dask_cluster_writes_the_process_pool_manifest(tmp_path, monkeypatch):
+    "ingest_engine = dask with no scheduler: a LocalCluster of 2 worker processes, started for the run and closed after"
+    import psutil
+    m1, _ = run(TEST_LAKE, tmp_path/'pool', tmp_path/'c1', workers=2)
+    monkeypatch.setenv('PETPARK_INGEST_ENGINE', 'dask')
+    monkeypatch.setenv('PETPARK_DASK_SCHEDULER', '')
+    m2, _ = run(TEST_LAKE, tmp_path/'dask', tmp_path/'c2', workers=2)
+    for f in ['manifest.csv', 'splits.csv']:
+        assert (tmp_path/'pool'/f).read_bytes() == (tmp_path/'dask'/f).read_bytes(), f
+    same = lambda m: {k: v for k, v in m.items() if k not in ('engine', 'seconds', 'images_per_s')}
+    assert same(m1) == same(m2) and m1['cached'] == m2['cached'] == 0
+    assert (m1['engine'], m2['engine']) == ('pool', 'dask')
+    workers = [p for p in psutil.Process().children(recursive=True) if 'resource_tracker' not in ' '.join(p.cmdline())]
+    assert workers == [], 'the LocalCluster left processes behind'
+
+
+def test_dask_scheduler_from_settings(tmp_path, monkeypatch):
+    "dask_scheduler names a running cluster (here one this test starts on loopback): ingest uses it and leaves it running"
+    from distributed import Client, LocalCluster
+    _, a = run(TEST_LAKE, tmp_path/'pool', tmp_path/'c1', workers=1)
+    monkeypatch.setenv('PETPARK_INGEST_ENGINE', 'dask')
+    with LocalCluster(n_workers=2, processes=False, protocol='tcp://', host='127.0.0.1', dashboard_address=None) as cluster:
+        monkeypatch.setenv('PETPARK_DASK_SCHEDULER', cluster.scheduler_address)
+        m, b = run(TEST_LAKE, tmp_path/'dask', tmp_path/'c2')
+        with Client(cluster) as c: assert len(c.nthreads()) == 2, 'the cluster named by the setting must outlive the run'
+    pd.testing.assert_frame_equal(a, b)
+    assert m['engine'] == 'dask'
+
+
+def test_dask_settings_errors_are_clear(tmp_path, monkeypatch):
+    import pytest, socket
+    from petpark.core import PetparkError
+    monkeypatch.setenv('PETPARK_INGEST_ENGINE', 'spark')
+    with pytest.raises(PetparkError, match="ingest_engine = 'spark'"): run(TEST_LAKE, tmp_path/'o1', tmp_path/'c')
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]  # a free port: nobody listens
+    monkeypatch.setenv('PETPARK_INGEST_ENGINE', 'dask')
+    monkeypatch.setenv('PETPARK_DASK_SCHEDULER', f'tcp://127.0.0.1:{port}')
+    with pytest.raises(PetparkError, match='no Dask scheduler answered.*dask_scheduler'): run(TEST_LAKE, tmp_path/'o2', tmp_path/'c')
