@@ -68,6 +68,7 @@ class Settings:
     serve_host:str; serve_port:int; serve_reload_s:float; serve_max_bytes:int; serve_max_files:int
     ingest_engine:str='pool'                     # where ingest decodes: pool (processes here) or dask (a Dask cluster); same manifest
     dask_scheduler:str=''                        # the Dask cluster's scheduler address; empty: a LocalCluster started for the run
+    train_procs:int=1                            # training processes (torchrun ranks) on this machine; same global batch, same science
     alert_webhook:str=''                         # where `petpark monitor` posts new alerts (empty: nowhere)
     admin_token:str=''                           # secret: set PETPARK_ADMIN_TOKEN, never the file
     staff_token:str=''                           # secret for POST /feedback (labels become training data): PETPARK_STAFF_TOKEN
