@@ -168,10 +168,10 @@ def fine_tune_model(items:pd.DataFrame, root:Path, p:TrainParams, lr:float, seed
 # %% ../nbs/03_train.ipynb #ac4bcef2
 def train_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', model_dir='models',
                 out_dir='artifacts/train', metrics='metrics/train.json')->dict:
-    "The train stage: search (if `train.search.lrs`), fine-tune, save the model; writes trials, history, validation predictions, metrics"
+    "The train stage: search (if `train.search.lrs`), fine-tune, save the model; writes trials, history, validation predictions, metrics (rank 0: the others return `None`)"
     P = params or load_params(); p, seed = P.train, P.base.seed
     n = get_settings().train_procs
-    if n > 1 and not num_distrib():  # this process starts the ranks, which call this function again
+    if n != 1 and not num_distrib():  # this process starts the ranks, which call this function again
         return run_ranks(n, P, manifest=manifest, data_dir=data_dir, model_dir=model_dir, out_dir=out_dir, metrics=metrics)
     out_dir, model_dir, root = proj_path(out_dir), proj_path(model_dir), proj_path(data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

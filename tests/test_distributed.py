@@ -23,7 +23,9 @@ def test_two_ranks_take_the_same_step_as_one_process_with_the_whole_batch(tmp_pa
     diff, step = (w1 - w2).abs().max().item(), (w1 - w0).abs().max().item()
     print(f'{len(w1):,} weights: largest step {step:.2e}, largest difference between the two runs {diff:.2e}')
     assert step > 1e-4, 'the step moved the weights'
-    assert diff < 1e-5, f'2 ranks x 8 photos and 1 process x 16 photos took different steps: max weight difference {diff:.2e}'
+    # fastai's Adam moves a weight by lr * g / (|g| + eps) on its first step: where the mean gradient g is a near-cancelling
+    # sum, the float rounding of a different summation order shows at lr * dg / eps (measured: 3.7e-06 against a 1.0e-03 step)
+    assert diff < 0.01 * step, f'2 ranks x 8 photos and 1 process x 16 photos took different steps: max weight difference {diff:.2e}'
 
 
 def test_a_tiny_run_on_two_ranks_writes_its_outputs_once(tmp_path, monkeypatch):
@@ -42,6 +44,8 @@ def test_a_tiny_run_on_two_ranks_writes_its_outputs_once(tmp_path, monkeypatch):
     assert final['id'] == res['wandb_run'] and final['config']['procs'] == 2 and final['config']['bs'] == P.train.bs
 
 
-def test_a_batch_that_does_not_split_over_the_ranks_is_one_clear_error(tmp_path):
-    with pytest.raises(PetparkError, match='train.bs = 8 does not split over train_procs = 3'):
-        run_ranks(3, tiny_params(), manifest=tmp_path/'m.csv', data_dir=TEST_LAKE, model_dir=tmp_path, out_dir=tmp_path, metrics=tmp_path/'t.json')
+def test_a_bad_number_of_processes_is_one_clear_error(tmp_path, monkeypatch):
+    paths = dict(manifest=tmp_path/'m.csv', data_dir=TEST_LAKE, model_dir=tmp_path, out_dir=tmp_path, metrics=tmp_path/'t.json')
+    with pytest.raises(PetparkError, match='train.bs = 8 does not split over train_procs = 3'): run_ranks(3, tiny_params(), **paths)
+    monkeypatch.setenv('PETPARK_TRAIN_PROCS', '0')
+    with pytest.raises(PetparkError, match='train_procs .or PETPARK_TRAIN_PROCS. is 0: use 1'): train_stage(tiny_params(), **paths)
