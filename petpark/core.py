@@ -72,6 +72,8 @@ class Settings:
     photo_dir:str=''                             # the server's content-addressed copy of the photos it labelled (empty: beside the log)
     photo_keep_days:float=30                     # retention: older photos without staff feedback are deleted
     host_every_s:float=60                        # the server records the host's CPU, memory, disk and temperature this often
+    dvc_remote:str=''                            # the DVC remote (`petpark remote push|pull`): s3://bucket/path or a folder; empty: none
+    dvc_remote_endpoint:str=''                   # an S3-compatible server's URL (MinIO, Ceph...); empty: AWS. Keys: AWS_* variables
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"
