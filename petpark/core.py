@@ -82,7 +82,8 @@ def get_settings(root=None)->Settings:
     cp.read(f)
     if not cp.has_section('petpark'): raise PetparkError(f'{f} has no [petpark] section: restore it from git')
     s = dict(cp['petpark'])
-    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in s | {'admin_token': '', 'alert_webhook': '', 'staff_token': ''}}
+    keys = set(s) | {x.name for x in fields(Settings)}  # a key the file lacks (an older settings.ini, a secret) still has its variable
+    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in keys}
     return from_dict(Settings, s | env, f"{f.name} (or its PETPARK_* environment variables)", text=True)
 
 # %% ../nbs/00_core.ipynb #8a1f6a24
