@@ -50,6 +50,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'petpark.cli.package': ('cli.html#package', 'petpark/cli.py'),
                              'petpark.cli.preprod_test': ('cli.html#preprod_test', 'petpark/cli.py'),
                              'petpark.cli.registry': ('cli.html#registry', 'petpark/cli.py'),
+                             'petpark.cli.remote': ('cli.html#remote', 'petpark/cli.py'),
+                             'petpark.cli.remote_config': ('cli.html#remote_config', 'petpark/cli.py'),
                              'petpark.cli.repro': ('cli.html#repro', 'petpark/cli.py'),
                              'petpark.cli.retrain': ('cli.html#retrain', 'petpark/cli.py'),
                              'petpark.cli.review': ('cli.html#review', 'petpark/cli.py'),

@@ -75,6 +75,8 @@ class Settings:
     photo_dir:str=''                             # the server's content-addressed copy of the photos it labelled (empty: beside the log)
     photo_keep_days:float=30                     # retention: older photos without staff feedback are deleted
     host_every_s:float=60                        # the server records the host's CPU, memory, disk and temperature this often
+    dvc_remote:str=''                            # the DVC remote (`petpark remote push|pull`): s3://bucket/path or a folder; empty: none
+    dvc_remote_endpoint:str=''                   # an S3-compatible server's URL (MinIO, Ceph...); empty: AWS. Keys: AWS_* variables
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"
@@ -83,7 +85,8 @@ def get_settings(root=None)->Settings:
     cp.read(f)
     if not cp.has_section('petpark'): raise PetparkError(f'{f} has no [petpark] section: restore it from git')
     s = dict(cp['petpark'])
-    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in s | {'admin_token': '', 'alert_webhook': '', 'staff_token': ''}}
+    keys = set(s) | {x.name for x in fields(Settings)}  # a key the file lacks (an older settings.ini, a secret) still has its variable
+    env = {k[8:].lower(): v for k, v in os.environ.items() if k.startswith('PETPARK_') and k[8:].lower() in keys}
     return from_dict(Settings, s | env, f"{f.name} (or its PETPARK_* environment variables)", text=True)
 
 # %% ../nbs/00_core.ipynb #8a1f6a24

@@ -1,6 +1,7 @@
-import hashlib, os, shutil, sys
+import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
-import pytest
+from types import SimpleNamespace
+import pytest, yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LAKE = (ROOT/'../shared/data/petpark-lake').resolve()
@@ -32,3 +33,78 @@ def venv_env(**extra)->dict:
 @pytest.fixture
 def env(): return venv_env()
 
+
+
+# a tiny training budget, set through params as a user would (real fastai, minutes become seconds)
+TINY = {'train.img_size': 64, 'train.bs': 16, 'train.max_train': 60, 'train.search.lrs': [0.003],
+        'train.search.subset': 20, 'train.search.img_size': 64,
+        'explain.right_per_class': 1, 'explain.wrong_per_class': 1, 'explain.max_evals': 50,
+        'package.parity_images': 16, 'package.calib_images': 16, 'package.reference_images': 20,
+        'retrain.hold_confidence': 0.5}  # a tiny model is never sure: every label that contradicts it is held
+# gate limits a tiny model can meet, so that the pipeline runs on through packaging
+LENIENT = {'evaluate.min_accuracy': 0.0, 'evaluate.min_class_recall': 0.0, 'evaluate.max_recall_gap': 1.0,
+           'evaluate.max_share_gap': 10.0}
+
+
+def set_params(path: Path, **dotted):
+    p = yaml.safe_load(path.read_text())
+    for k, v in dotted.items():
+        *head, last = k.split('.'); d = p
+        for h in head: d = d[h]
+        d[last] = v
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def sh(cmd, cwd, env):
+    r = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f'{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
+    return r.stdout + r.stderr
+
+
+def copy_repo(dst: Path) -> Path:
+    "The checkout's tracked and new files (no venv, data, caches or outputs), as a fresh clone would have them"
+    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split('\n')
+    for f in filter(None, files):
+        if (ROOT/f).is_file():
+            (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, dst/f)
+    return dst
+
+
+def dvc_outs(repo: Path) -> list:
+    "Every output that `data.dvc` and `dvc.lock` record, cached by DVC or kept in git"
+    lock = yaml.safe_load((repo/'dvc.lock').read_text())['stages']
+    return [o['path'] for o in yaml.safe_load((repo/'data.dvc').read_text())['outs']] + [o['path'] for st in lock.values() for o in st.get('outs', [])]
+
+
+def file_hashes(repo: Path, paths: list) -> dict:
+    "sha256 of every file at or under each of `paths` (relative to `repo`)"
+    files = [f for p in paths for f in ([repo/p] if (repo/p).is_file() else sorted((repo/p).rglob('*')))]
+    return {f.relative_to(repo).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+@pytest.fixture(scope='session')
+def tiny_pipeline(tmp_path_factory):
+    """This checkout run end to end at tiny size, once a session, for the tests that need a pipeline state: a copy of the
+    repo, a lake of 30 photos a class (plus the test lake's dirt), `petpark data`, then `dvc repro` with TINY params and the
+    real gate (the tiny model fails it, so packaging stops: `strict`), then with LENIENT limits (on through packaging),
+    committed. Tests that change it (test_pipeline does) come after the ones that only read it or clone its `commit`."""
+    tmp = tmp_path_factory.mktemp('tiny_pipeline')
+    repo, lake = copy_repo(tmp/'repo'), make_lake(tmp/'lake', 30)
+    lake_digest = tree_digest(lake)
+    env = venv_env(); env.pop('WANDB_DIR', None)
+    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp/'cache'), WANDB_MODE='offline',
+               GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
+    set_params(repo/'params.yaml', **TINY)
+    (repo/'artifacts/ingest/reviews.csv').write_text('sha256,path,decision,label,by,date,why\n')  # this lake's review has not begun
+    sh('git init -q && git add -A && git commit -qm base', repo, env)
+    data = sh('petpark data', repo, env)
+    r = subprocess.run('dvc repro', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    strict = SimpleNamespace(returncode=r.returncode, out=r.stdout + r.stderr, onnx=(repo/'artifacts/package/model.onnx').exists(),
+                             explain=(repo/'reports/05_explain.html').exists(),
+                             evaluate=json.loads((repo/'metrics/evaluate.json').read_text()))
+    set_params(repo/'params.yaml', **LENIENT)
+    lenient = sh('dvc repro', repo, env)
+    sh("git add -A && git commit -qm 'tiny run'", repo, env)
+    return SimpleNamespace(repo=repo, lake=lake, env=env, lake_digest=lake_digest, data=data, strict=strict, lenient=lenient,
+                           commit=sh('git rev-parse HEAD', repo, env).strip(), outs=file_hashes(repo, dvc_outs(repo)))

@@ -3,58 +3,14 @@ import json, re, shutil, sqlite3, subprocess
 from pathlib import Path
 import httpx, pandas as pd, yaml
 from petpark.testing import Served
-from conftest import ROOT, LAKE, make_lake, tree_digest
+from conftest import LAKE, sh, tree_digest
 
-# a tiny training budget, set through params as a user would (real fastai, minutes become seconds)
-TINY = {'train.img_size': 64, 'train.bs': 16, 'train.max_train': 60, 'train.search.lrs': [0.003],
-        'train.search.subset': 20, 'train.search.img_size': 64,
-        'explain.right_per_class': 1, 'explain.wrong_per_class': 1, 'explain.max_evals': 50,
-        'package.parity_images': 16, 'package.calib_images': 16, 'package.reference_images': 20,
-        'retrain.hold_confidence': 0.5}  # a tiny model is never sure: every label that contradicts it is held
-# gate limits a tiny model can meet, so that the pipeline runs on through packaging
-LENIENT = {'evaluate.min_accuracy': 0.0, 'evaluate.min_class_recall': 0.0, 'evaluate.max_recall_gap': 1.0,
-           'evaluate.max_share_gap': 10.0}
-
-
-def set_params(path: Path, **dotted):
-    p = yaml.safe_load(path.read_text())
-    for k, v in dotted.items():
-        *head, last = k.split('.'); d = p
-        for h in head: d = d[h]
-        d[last] = v
-    path.write_text(yaml.safe_dump(p, sort_keys=False))
-
-
-def sh(cmd, cwd, env):
-    r = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f'{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
-    return r.stdout + r.stderr
-
-
-def copy_repo(dst: Path) -> Path:
-    "The checkout's tracked and new files (no venv, data, caches or outputs), as a fresh clone would have them"
-    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split('\n')
-    for f in filter(None, files):
-        if (ROOT/f).is_file():
-            (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, dst/f)
-    return dst
-
-
-def test_dvc_repro_end_to_end(tmp_path, env):
-    repo, lake = copy_repo(tmp_path/'repo'), make_lake(tmp_path/'lake', 30)
-    before = tree_digest(lake)
-    env.pop('WANDB_DIR', None)
-    env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp_path/'cache'), WANDB_MODE='offline',
-               GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
-    set_params(repo/'params.yaml', **TINY)
-    (repo/'artifacts/ingest/reviews.csv').write_text('sha256,path,decision,label,by,date,why\n')  # this lake's review has not begun
-    sh('git init -q && git add -A && git commit -qm base', repo, env)
-    out = sh('petpark data', repo, env)
-    assert 'data/ holds the lake' in out and (repo/'data/Cat').is_dir()
-    r = subprocess.run('dvc repro', shell=True, cwd=repo, env=env, capture_output=True, text=True)
-    assert r.returncode != 0 and 'failed its evaluate gate' in r.stdout + r.stderr, 'package refuses the failed model'
-    assert not (repo/'artifacts/package/model.onnx').exists()
+def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
+    tp = tiny_pipeline  # `petpark data`, `dvc repro` (TINY params: the gate fails), `dvc repro` (LENIENT), committed
+    repo, lake, env, before = tp.repo, tp.lake, dict(tp.env), tp.lake_digest
+    assert 'data/ holds the lake' in tp.data and (repo/'data/Cat').is_dir()
+    assert tp.strict.returncode != 0 and 'failed its evaluate gate' in tp.strict.out, 'package refuses the failed model'
+    assert not tp.strict.onnx
     for f in ['reports/01_ingest.ipynb', 'reports/02_eda.ipynb', 'reports/02_eda.html',
               'artifacts/ingest/manifest.csv', 'artifacts/ingest/splits.csv', 'reports/03_train.ipynb', 'models/model.pkl',
               'artifacts/train/history.csv', 'reports/04_evaluate.html', 'artifacts/evaluate/roc.csv']:
@@ -68,14 +24,13 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     assert 'Label review' in html and 'still to review' in html
     eda = json.loads((repo/'metrics/eda.json').read_text())
     assert eda['review']['queued'] == len(pd.read_csv(repo/'artifacts/eda/review_queue.csv')) == eda['review']['suspects']
-    ev = json.loads((repo/'metrics/evaluate.json').read_text())
+    ev = tp.strict.evaluate
     assert ev['gate']['passed'] is False and ev['n'] == len(man[man.status == 'test']), 'a tiny model fails the gate'
     assert 'Confusion' in sh('dvc plots show --json', repo, env)
-    assert (repo/'reports/05_explain.html').exists(), 'explain needs no gate: it is how a failed model is understood'
+    assert tp.strict.explain, 'explain needs no gate: it is how a failed model is understood'
 
     # with limits it can meet, the same model is explained, packaged and registered
-    set_params(repo/'params.yaml', **LENIENT)
-    out = sh('dvc repro', repo, env)
+    out = tp.lenient
     assert 'Passed unknown parameter' not in out, 'each notebook is handed only the params file and its paths'
     pk = json.loads((repo/'metrics/package.json').read_text())
     assert pk['parity']['passed'] and pk['registered']['version'] == 'v1'
@@ -99,7 +54,7 @@ def test_dvc_repro_end_to_end(tmp_path, env):
     # an experiment with one knob changed is compared with the baseline by `dvc exp show`
     # it runs in DVC's temporary copy of the repo (as `--queue` does), and this site's state survives it: its W&B
     # final run and its registered version land in the workspace it was started from, once each
-    sh("git add -A && git commit -qm 'tiny run'", repo, env)
+    sh("git add -A && git commit -qm 'monitor again' --allow-empty", repo, env)
     runs = lambda: set((repo/'wandb').glob('offline-run-*'))
     before = runs()
     sh('dvc exp run --temp -n lr-001 -S train.search.lrs=[] -S train.lr=0.001', repo, env)
