@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['FIX', 'Contract', 'decode_photo', 'BadInput', 'check_photo', 'onnx_session', 'load_inputs', 'onnx_predict',
-           'threshold_labels', 'LoadedModel', 'load_registered', 'load_dir']
+           'threshold_labels', 'unsure', 'mirror_unsure', 'LoadedModel', 'load_registered', 'load_dir']
 
 # %% ../nbs/71_runtime.ipynb #18239f02
 import io, json, warnings
@@ -95,6 +95,20 @@ def threshold_labels(probs:np.ndarray, classes:list, positive:str, threshold:flo
     neg = [c for c in classes if c != positive][0]
     return np.where(probs[:, classes.index(positive)] >= threshold, positive, neg)
 
+# %% ../nbs/71_runtime.ipynb #ed53729a
+def unsure(probs:np.ndarray, pos:int, threshold:float, margin:float)->np.ndarray:
+    "Which rows of `probs` have their `pos` class probability within `margin` of `threshold`"
+    return np.abs(probs[:, pos] - threshold) < margin
+
+def mirror_unsure(graph, photos:np.ndarray, pos:int, threshold:float, margin:float)->tuple:
+    "`graph`'s (probabilities, embeddings) of a uint8 NHWC batch, averaged with the mirror image's for the `unsure` photos"
+    probs, emb = graph(photos)
+    u = unsure(probs, pos, threshold, margin)
+    if u.any():
+        probs = probs.copy()
+        probs[u] = (probs[u] + graph(np.ascontiguousarray(photos[u][:, :, ::-1]))[0])/2
+    return probs, emb
+
 # %% ../nbs/71_runtime.ipynb #1604b288
 class LoadedModel:
     "A packaged model ready to run: its ONNX session, contract, description (`serving.json`) and identity"
@@ -106,10 +120,15 @@ class LoadedModel:
         self.version, self.hash = version, model_hash or sha256_bytes(self.path.read_bytes())
         self.sess = onnx_session(self.path)
         self.classes, self.size, self.positive = self.contract.classes, self.contract.img_size, self.contract.positive
+        self.mirror_margin = float(self.meta.get('mirror_margin', 0))  # 0 in packages whose graph holds the mirror (`tta`)
+
+    def graph(self, photos:np.ndarray)->tuple:
+        "The packaged graph's probabilities and embeddings of a uint8 NHWC batch"
+        return self.sess.run(None, {'image': photos})
 
     def run(self, photos:np.ndarray)->tuple:
-        "Probabilities and embeddings of a uint8 NHWC batch"
-        return self.sess.run(None, {'image': photos})
+        "Probabilities and embeddings of a uint8 NHWC batch, the mirror image averaged in where the model is unsure (`mirror_unsure`)"
+        return mirror_unsure(self.graph, photos, self.classes.index(self.positive), self.contract.threshold, self.mirror_margin)
 
     def predict(self, photos:np.ndarray)->tuple:
         "Probabilities, embeddings and labels (the contract's threshold on the positive class) for a uint8 batch"
@@ -119,7 +138,7 @@ class LoadedModel:
     def info(self)->dict:
         "What is served, for `/version`"
         return dict(version=self.version, hash=self.hash, variant=self.variant, classes=self.classes, positive=self.positive,
-                    threshold=self.contract.threshold, backbone=self.meta.get('backbone'), git_commit=self.meta.get('git_commit'),
+                    threshold=self.contract.threshold, mirror_margin=self.mirror_margin, backbone=self.meta.get('backbone'), git_commit=self.meta.get('git_commit'),
                     gate=self.meta.get('gate'))
 
 def load_registered(stage:str, registry=None)->LoadedModel:
