@@ -37,7 +37,7 @@ def fig_hist(kept:pd.DataFrame, col:str, title:str=None, nbins:int=50):
 def dup_table(man:pd.DataFrame)->pd.DataFrame:
     "Exact duplicates (set aside) and near-duplicate groups (kept together in one split, or quarantined)"
     exact = man[man.status == 'duplicate'][['path', 'label', 'dup_of']].assign(kind='exact duplicate', group=man.dup_of)
-    near = man[man.near_dup_group.notna()].assign(kind='near duplicate', group=lambda d: d.near_dup_group.str[:12])
+    near = man[man.near_dup_group.notna()].assign(kind='near duplicate', group=lambda d: d.near_dup_group.astype(str).str[:12])  # astype: a lake with no near-duplicates has an all-empty float column
     return pd.concat([exact, near])[['kind', 'group', 'path', 'label', 'status', 'split']].sort_values(['kind', 'group'])
 
 # %% ../nbs/02_eda.ipynb #31e5039c

@@ -1,5 +1,5 @@
 "Explain and package a tiny real model: ONNX parity, int8, model card with the real figures, registry round trip, refusals"
-import json, subprocess
+import json, shutil, subprocess
 import numpy as np, pandas as pd, pytest
 from petpark.core import PetparkError, load_params
 from petpark.ingest import ingest_stage
@@ -7,7 +7,7 @@ from petpark.evaluate import evaluate_folder
 from petpark.package import package_stage
 from petpark.registry import Registry
 from petpark.monitor import load_reference
-from petpark.runtime import onnx_session, onnx_predict, Contract
+from petpark.runtime import onnx_session, onnx_predict, Contract, load_dir, load_inputs
 from petpark.testing import lesson_model, tiny_params
 from conftest import ROOT, TEST_LAKE, make_lake
 
@@ -26,7 +26,7 @@ def pk(tmp_path_factory):
     ev = evaluate_folder(TEST_LAKE, P, d/'models', d/'valid_preds.csv', d/'eval')
     assert ev['gate']['passed']
     res = package_stage(P, d/'ingest/manifest.csv', lake, d/'models', d/'eval/metrics.json', d/'no_explain.json',
-                        d/'package', d/'metrics/package.json', d/'reports')
+                        d/'package', d/'metrics/package.json', d/'reports', valid_preds=d/'valid_preds.csv')
     assert json.loads((d/'metrics/package.json').read_text()) == res and (d/'reports/06_package_card.html').exists()
     yield d, lake, ev, res
     mp.undo()
@@ -46,11 +46,36 @@ def test_onnx_matches_pytorch_and_int8_is_measured(pk):
     assert (p32.argmax(1) == p8.argmax(1)).mean() >= 0.6, 'int8 keeps most of the (tiny) model\'s answers'
 
 
+def test_the_mirror_runs_only_where_the_model_is_unsure(pk):
+    "serving.json carries the margin chosen on validation, and the served model mirrors exactly the photos that close to the threshold"
+    d, lake, ev, res = pk
+    sv, m = json.loads((d/'package/serving.json').read_text()), res['mirror']
+    assert sv['mirror_margin'] == m['margin'] in {0, *load_params().package.mirror_margins}
+    assert 'model.onnx' in sv['files'].values() and 0 <= m['test_mirrored'] <= 1 and m['validation_accuracy'] >= m['validation_never']
+    model = load_dir(d/'package', 'fp32')
+    paths = sorted((TEST_LAKE/'Dog').glob('*.jpg'))[:6] + sorted((TEST_LAKE/'Cat').glob('*.jpg'))[:6]
+    x = load_inputs(paths, model.size)
+    plain, flip = model.graph(x)[0], model.graph(np.ascontiguousarray(x[:, :, ::-1]))[0]
+    for margin in [0, 0.1, 0.3, 1]:
+        model.mirror_margin = margin
+        near = np.abs(plain[:, 1] - sv['threshold']) < margin
+        assert np.allclose(model.run(x)[0], np.where(near[:, None], (plain + flip)/2, plain), atol=1e-6)
+
+
+def test_package_needs_the_validation_predictions(pk, tmp_path):
+    d, lake, ev, res = pk
+    with pytest.raises(PetparkError, match='no validation predictions.*dvc repro train'):
+        package_stage(tiny_params(lenient=True, **SMALL), d/'ingest/manifest.csv', lake, d/'models', d/'eval/metrics.json', d/'no_explain.json',
+                      tmp_path/'package', tmp_path/'package.json', tmp_path/'reports', valid_preds=tmp_path/'none.csv')
+
+
 def test_packaged_model_scores_a_folder_with_the_learners_numbers(pk, tmp_path):
     "`evaluate --images` runs the packaged fp32 model on ONNX Runtime: same probabilities (to parity), labels and figures as the learner"
     d, lake, ev, res = pk
     sv = json.loads((d/'package/serving.json').read_text())
-    fast = evaluate_folder(TEST_LAKE, tiny_params(lenient=True, **SMALL), d/'package', out_dir=tmp_path/'fast')
+    shutil.copytree(d/'package', tmp_path/'always')  # the learner averages every photo with its mirror image: so does this copy
+    (tmp_path/'always/serving.json').write_text(json.dumps({**sv, 'mirror_margin': 1}))
+    fast = evaluate_folder(TEST_LAKE, tiny_params(lenient=True, **SMALL), tmp_path/'always', out_dir=tmp_path/'fast')
     assert fast['threshold'] == sv['threshold'] == ev['threshold'] and "packaged model's rule" in fast['threshold_choice']['why']
     assert (fast['n'], fast['accuracy'], fast['confusion']) == (ev['n'], ev['accuracy'], ev['confusion'])
     a, b = pd.read_csv(d/'eval/preds.csv'), pd.read_csv(tmp_path/'fast/preds.csv')
