@@ -72,6 +72,8 @@ class Settings:
     photo_dir:str=''                             # the server's content-addressed copy of the photos it labelled (empty: beside the log)
     photo_keep_days:float=30                     # retention: older photos without staff feedback are deleted
     host_every_s:float=60                        # the server records the host's CPU, memory, disk and temperature this often
+    serve_threads:int=1                          # ONNX Runtime intra-op threads per model run; the server runs cores // this many at once
+    serve_max_queue:int=16                       # /predict requests in flight or waiting; more are refused with 503 and Retry-After
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"

@@ -71,11 +71,14 @@ def check_photo(name:str, b:bytes, max_bytes:int, c:Contract)->tuple:
     return f, im
 
 # %% ../nbs/71_runtime.ipynb #dc4fbe54
-def onnx_session(path, threads:int=0)->ort.InferenceSession:
-    "An ONNX Runtime CPU session for the model file at `path` (`threads`=0: ONNX Runtime's choice)"
+def onnx_session(path, threads:int=0, # intra-op threads of one run (0: ONNX Runtime's choice, one per core)
+                 spin:bool=True)->ort.InferenceSession: # False: idle threads sleep at once instead of spinning (a server sharing its cores)
+    "An ONNX Runtime CPU session for the model file at `path`, one inter-op thread"
     p = Path(path)
     if not p.exists(): raise PetparkError(f'no ONNX model at {p}: run `dvc repro package` or fetch one from the registry')
-    so = ort.SessionOptions(); so.intra_op_num_threads = threads; so.log_severity_level = 3
+    so = ort.SessionOptions(); so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+    if not spin:
+        for k in ('session.intra_op.allow_spinning', 'session.inter_op.allow_spinning'): so.add_session_config_entry(k, '0')
     return ort.InferenceSession(str(p), so, providers=['CPUExecutionProvider'])
 
 def load_inputs(paths:list, img_size:int)->np.ndarray:
@@ -98,13 +101,13 @@ def threshold_labels(probs:np.ndarray, classes:list, positive:str, threshold:flo
 # %% ../nbs/71_runtime.ipynb #1604b288
 class LoadedModel:
     "A packaged model ready to run: its ONNX session, contract, description (`serving.json`) and identity"
-    def __init__(self, files:dict, version:str='local', model_hash:str=None, variant:str=None):
+    def __init__(self, files:dict, version:str='local', model_hash:str=None, variant:str=None, threads:int=0, spin:bool=True):
         self.meta = json.loads(Path(files['serving.json']).read_text())
         self.contract = Contract.of(self.meta, f'serving.json of {version}')
         self.variant = variant or self.meta['served']
         self.path = Path(files[self.meta['files'][self.variant]])
         self.version, self.hash = version, model_hash or sha256_bytes(self.path.read_bytes())
-        self.sess = onnx_session(self.path)
+        self.sess = onnx_session(self.path, threads, spin)
         self.classes, self.size, self.positive = self.contract.classes, self.contract.img_size, self.contract.positive
 
     def run(self, photos:np.ndarray)->tuple:
@@ -122,18 +125,18 @@ class LoadedModel:
                     threshold=self.contract.threshold, backbone=self.meta.get('backbone'), git_commit=self.meta.get('git_commit'),
                     gate=self.meta.get('gate'))
 
-def load_registered(stage:str, registry=None)->LoadedModel:
-    "The model the registry holds in `stage`, its files verified against their hashes"
+def load_registered(stage:str, registry=None, threads:int=0, spin:bool=True)->LoadedModel:
+    "The model the registry holds in `stage`, its files verified against their hashes (`threads`, `spin`: `onnx_session`'s)"
     from petpark.registry import Registry
     reg = registry or Registry()
     got = reg.fetch(stage)
-    return LoadedModel(got['files'], got['version']['version'], got['version']['hash'])
+    return LoadedModel(got['files'], got['version']['version'], got['version']['hash'], threads=threads, spin=spin)
 
-def load_dir(model_dir, variant:str=None)->LoadedModel:
+def load_dir(model_dir, variant:str=None, threads:int=0, spin:bool=True)->LoadedModel:
     "A model from a folder of packaged files (`serving.json` and the ONNX files it names); `variant` overrides the packaged choice"
     d = proj_path(model_dir)
     if not (d/'serving.json').exists(): raise PetparkError(f'no serving.json in {d}: fetch a model with `petpark registry fetch prod --dest {d}`')
     files = {p.name: p for p in d.iterdir()}
     known = json.loads(files['serving.json'].read_text())['files']
     if variant and variant not in known: raise PetparkError(f"variant {variant!r} is not packaged in {d}: choose one of {', '.join(known)}")
-    return LoadedModel(files, variant=variant)
+    return LoadedModel(files, variant=variant, threads=threads, spin=spin)
