@@ -253,7 +253,7 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     for v in variants:
         code = f"from petpark.bench import bench_server; bench_server({v!r}, {{port}}, {str(package_dir)!r}, {str(model_dir)!r}, 'sqlite:///{db}/{v}.sqlite')"
-        with Served([sys.executable, '-c', code]) as s:
+        with Served([sys.executable, '-c', code], timeout=600) as s:  # PyTorch takes minutes to import on a busy machine
             load_test(s.url, bodies, 2*max(levels), max(levels))  # warm up
             for c in levels: closed.append(dict(variant=v, **load_test(s.url, bodies, requests, c)))
             for r in rates: opened.append(dict(variant=v, **open_loop(s.url, bodies, r, seconds)))
