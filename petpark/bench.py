@@ -11,6 +11,7 @@ __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench'
 
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, re, subprocess, sys, tempfile, time, zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -193,7 +194,8 @@ def open_loop(url:str, bodies:list, rate:float, seconds:float=10, timeout:float=
     "Send `rate` requests a second to `/predict` for `seconds`, each on schedule whatever the replies: achieved req/s, latency, shed (503) and errors, the generator's CPU"
     import asyncio, psutil
     me = psutil.Process(); c0, w0 = sum(me.cpu_times()[:2]), time.perf_counter()
-    done, t0 = asyncio.run(_open_loop(url.rstrip('/'), bodies, rate, seconds, timeout))
+    with ThreadPoolExecutor(1) as ex:  # its own thread and event loop, so it runs from a notebook's running loop too
+        done, t0 = ex.submit(asyncio.run, _open_loop(url.rstrip('/'), bodies, rate, seconds, timeout)).result()
     cpu, wall = sum(me.cpu_times()[:2]) - c0, time.perf_counter() - w0
     ok = [ms for code, ms, _, _ in done if code == 200]
     end = max(t for *_, t, _ in done) - t0
