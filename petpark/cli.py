@@ -356,8 +356,11 @@ def bench(what:str, # what to benchmark: `ingest`, `latency`, `evaluate`, `serve
           windows:int=20, # monitor: random windows per window size and shift
           rows:int=100_000, # dashboard: logged predictions in the demo site's inference log
           images:str=None, # latency, evaluate, serve: a labelled folder of photos to use (default: the lake snapshot's test split)
-          levels:str='1,4,16', # serve: concurrency levels
+          levels:str='1,4,16', # serve: concurrency levels of the closed-loop test
           requests:int=200, # serve: requests per variant and level
+          rates:str='10,25,50,75,100,150', # serve: offered req/s of the open-loop test (the capacity curve)
+          seconds:float=10, # serve: seconds per offered rate
+          engine_seconds:float=5, # serve: seconds of each in-process engine measurement
           package_dir:str='artifacts/package', # latency, serve: the packaged ONNX files
           model_dir:str='models', # latency, serve: the PyTorch model (the eager baseline)
           out:str=None): # report path, written as .json and .md (default: reports/bench_<what>)
@@ -384,12 +387,14 @@ def bench(what:str, # what to benchmark: `ingest`, `latency`, `evaluate`, `serve
             df = bench_evaluate(folder, proj_path(package_dir), proj_path(model_dir), work_dir=Path(d)/'runs')
         write_bench(df, out, f'`petpark evaluate --images`, end to end on {df.photos[0]} labelled photos, by engine (one process, 2 cores)')
     elif what == 'serve':
-        from petpark.bench import bench_serve, write_bench
-        paths = test_paths()
-        lv = tuple(int(x) for x in levels.split(','))
-        write_bench(bench_serve([p.read_bytes() for p in paths], proj_path(package_dir), proj_path(model_dir), levels=lv, requests=requests), out,
-                    f'Serving: `petpark serve` app on 127.0.0.1, one photo a request, {requests} requests per row, '
-                    f'{len(paths)} test photos; client and server share this machine')
+        from petpark.bench import bench_serve, write_serve_bench
+        paths, s = test_paths(), get_settings()
+        lv, rs = tuple(int(x) for x in levels.split(',')), tuple(float(x) for x in rates.split(','))
+        res = bench_serve([p.read_bytes() for p in paths], proj_path(package_dir), proj_path(model_dir), levels=lv, requests=requests,
+                          rates=rs, seconds=seconds, engine_seconds=engine_seconds)
+        write_serve_bench(res, out, package_dir, f'{len(paths)} test photos; {requests} requests per closed-loop row, {seconds:g} s per '
+                          f'open-loop rate; serve_threads {s.serve_threads}, serve_max_queue {s.serve_max_queue}. Client and server share '
+                          f'this machine (and other jobs may too: figures are noisy).')
     elif what == 'monitor':
         from petpark.bench import bench_monitor_report
         from petpark.runtime import load_dir

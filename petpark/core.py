@@ -77,6 +77,8 @@ class Settings:
     host_every_s:float=60                        # the server records the host's CPU, memory, disk and temperature this often
     dvc_remote:str=''                            # the DVC remote (`petpark remote push|pull`): s3://bucket/path or a folder; empty: none
     dvc_remote_endpoint:str=''                   # an S3-compatible server's URL (MinIO, Ceph...); empty: AWS. Keys: AWS_* variables
+    serve_threads:int=1                          # ONNX Runtime intra-op threads per model run; the server runs cores // this many at once
+    serve_max_queue:int=16                       # /predict requests in flight or waiting; more are refused with 503 and Retry-After
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"

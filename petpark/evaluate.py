@@ -13,7 +13,7 @@ import numpy as np, pandas as pd
 from PIL import Image
 from .core import *
 from .judge import judge, review_words
-from .runtime import load_dir, onnx_predict, threshold_labels
+from .runtime import load_dir, predict_paths, threshold_labels
 
 # %% ../nbs/04_evaluate.ipynb #d8af14d6
 def write_results(out_dir:Path, res:dict, cur:dict, preds:pd.DataFrame, metrics_path:Path=None):
@@ -38,7 +38,7 @@ def photo_preds(rows:pd.DataFrame, root:Path, model_dir='models', variant:str='f
         learn = load_model(d)
         return predict_items(learn, rows, root, tta=model_meta(d).get('tta', False)), list(learn.dls.vocab), None
     m = load_dir(d, variant)
-    probs, _ = onnx_predict(m.sess, [Path(root)/p for p in rows.path], m.size)
+    probs, _ = predict_paths(m.run, [Path(root)/p for p in rows.path], m.size)  # as served: the mirror where the model is unsure
     preds = rows[['path', 'label']].reset_index(drop=True).copy()
     for i, c in enumerate(m.classes): preds[f'p_{c}'] = probs[:, i].round(6)
     return preds, m.classes, m.contract.threshold

@@ -205,6 +205,8 @@ def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', 
     "Gate check, ONNX export, parity, int8, the mirror margin, test accuracy of both, `serving.json`, the monitors' reference, model card, registration"
     P = params or load_params(); pk, seed = P.package, P.base.seed
     check_gate(eval_metrics)
+    vp = proj_path(valid_preds)
+    if not vp.exists(): raise PetparkError(f'no validation predictions at {vp}: the mirror margin is chosen on them; run `dvc repro train`')
     ev = json.loads(proj_path(eval_metrics).read_text())
     ex = json.loads(proj_path(explain_metrics).read_text()) if proj_path(explain_metrics).exists() else None
     man, data_root = pd.read_csv(proj_path(manifest)), proj_path(data_dir)
@@ -221,7 +223,7 @@ def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', 
     files = {'fp32': 'model.onnx', 'int8': 'model.int8.onnx'}
     c = Contract.of(serving_meta(meta, P, ev['threshold'], 'fp32', ev['gate'], files))
     sessions = {'fp32': onnx_session(fp32), 'int8': onnx_session(int8)}
-    valid = pd.read_csv(proj_path(valid_preds))
+    valid = pd.read_csv(vp)
     vm = mirror_probs({'fp32': sessions['fp32']}, [data_root/p for p in valid.path], size)['fp32']
     margin, vt = choose_mirror(*vm, list(valid.label), c, pk.mirror_margins)
     pm = mirror_probs(sessions, paths, size)
@@ -235,9 +237,7 @@ def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', 
                   test_never=mirror_accuracy(*pm['fp32'], labels, c, 0)['accuracy'], test_always=mirror_accuracy(*pm['fp32'], labels, c, 1)['accuracy'],
                   test_mirrored=scores[served_name]['mirrored'])
     ref_rows = man[man.status == 'train'].sample(n=min(pk.reference_images, int((man.status == 'train').sum())), random_state=seed + 1)
-    vp = proj_path(valid_preds)
-    ref = build_reference(LoadedModel({'serving.json': out/'serving.json', fp32.name: fp32, int8.name: int8}), [data_root/p for p in ref_rows.path],
-                          pd.read_csv(vp) if vp.exists() else None)
+    ref = build_reference(LoadedModel({'serving.json': out/'serving.json', fp32.name: fp32, int8.name: int8}), [data_root/p for p in ref_rows.path], valid)
     save_reference(ref, out/'reference.npz')
     res = dict(parity=par, accuracy=acc, pytorch_accuracy=ev['accuracy'], int8_drop=round(acc['fp32'] - acc['int8'], 6),
                int8_label_agreement=float((lab['int8'] == lab['fp32']).mean()), mirror=mirror, served=served_name, served_reason=why, reference_photos=len(ref_rows), files=file_hashes([fp32, int8, out/'serving.json']))

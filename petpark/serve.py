@@ -24,21 +24,23 @@ from .runtime import BadInput, check_photo, load_dir, load_registered
 # %% ../nbs/81_serve.ipynb #3c075585
 class ModelHolder:
     "The current model of a stage; a background thread follows the registry and swaps in a new version when it changes"
-    def __init__(self, stage:str=None, model_dir=None, reload_s:float=2.0, registry=None, variant:str=None):
+    def __init__(self, stage:str=None, model_dir=None, reload_s:float=2.0, registry=None, variant:str=None,
+                 threads:int=1): # ONNX Runtime intra-op threads per run (the `serve_threads` setting); no spinning
         self.stage, self.model_dir, self.reload_s, self.registry, self.variant = stage, model_dir, reload_s, registry, variant
+        self.threads = threads
         self.current, self.error, self._stop = None, None, threading.Event()
         self.log = get_logger('petpark.serve')
 
     def load(self):
         "Load (or re-load) the model; a failure keeps the model already serving and is reported by /ready"
         try:
-            if self.model_dir: m = load_dir(self.model_dir, self.variant)
+            if self.model_dir: m = load_dir(self.model_dir, self.variant, self.threads, spin=False)
             else:
                 from petpark.registry import Registry
                 reg = self.registry or Registry()
                 v = reg.resolve(self.stage)
                 if self.current is not None and v['version'] == self.current.version: return self.current
-                m = load_registered(self.stage, reg)
+                m = load_registered(self.stage, reg, self.threads, spin=False)
             old, self.current, self.error = self.current, m, None  # one assignment: requests hold their own reference
             self.log.info(f"serving {m.version} ({m.hash[:12]}, {m.variant})" + (f' instead of {old.version}' if old else ''))
         except Exception as e:
@@ -218,8 +220,9 @@ def _refusals(*statuses)->dict:
     why = {400: 'the body could not be read', 403: 'the token is missing or wrong', 404: 'no such logged request',
            413: 'too many bytes, photos or pixels', 415: 'not multipart/form-data, an image body or JSON',
            422: 'a photo (or the label) the model does not accept: not an image, truncated, too small, another format',
-           503: 'no model loaded yet'}
-    return {s: {'model': ErrorOut, 'description': why[s]} for s in statuses}
+           503: 'no model loaded yet, or the server is at capacity (`serve_max_queue` requests in flight): try again after `Retry-After` seconds'}
+    retry = {'headers': {'Retry-After': {'description': 'seconds to wait before trying again', 'schema': {'type': 'integer'}}}}
+    return {s: {'model': ErrorOut, 'description': why[s], **(retry if s == 503 else {})} for s in statuses}
 
 def _predict_body(max_files:int, max_bytes:int, c=None)->dict:
     "The OpenAPI request body of /predict: multipart `files` (1 to `max_files` photos) or one raw image body"
@@ -262,7 +265,8 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
                max_files:int=16, # photos per request
                admin_token:str='', # for /admin/reload; empty: admin actions are refused
                staff_token:str='', # for /feedback (labels become training data); empty: feedback is refused
-               photos:PhotoStore=None)->FastAPI: # where predicted photos are kept for retraining (None: not kept)
+               photos:PhotoStore=None, # where predicted photos are kept for retraining (None: not kept)
+               max_queue:int=16)->FastAPI: # /predict requests in flight or waiting; past it 503 with Retry-After
     "The FastAPI app: /predict, /feedback, /health, /ready, /version, /metrics, /admin/reload, OpenAPI docs at /docs"
     app = FastAPI(title='petpark', version=__import__('petpark').__version__, docs_url=None, redoc_url=None,
                   description='Cats vs dogs for the park: predictions from the registered ONNX model, every one logged.')
@@ -291,37 +295,46 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
             return [('body', bytes(body))]
         raise BadInput(415, 'unsupported_media_type', f'content type {ctype or "(none)"!r}: send multipart/form-data files or one image/jpeg, image/png body')
 
-    def check(model, files:list)->list:
-        "`(name, bytes, facts, image)` of each uploaded photo, decoded once and checked against the model's contract"
-        return [(n, b, *check_photo(n, b, max_bytes, model.contract)) for n, b in files]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    computing = threading.BoundedSemaphore(max(1, cores//max(1, holder.threads)))  # requests decoding or running the model at once
+    busy = [0]  # /predict requests in flight or waiting; only the event loop touches it, so it needs no lock
 
-    def run(model, photos:list)->tuple:
-        t = time.perf_counter()
-        x = np.stack([model_input(im, model.size) for _, _, _, im in photos])
-        probs, emb, labels = model.predict(x)
-        return probs, emb, labels, (time.perf_counter() - t)*1000
+    def infer(model, files:list)->tuple:
+        "In one worker thread: each photo decoded once and checked against the model's contract, then the model run on that decode"
+        with computing:
+            photos_in = [(n, b, sha256_bytes(b), *check_photo(n, b, max_bytes, model.contract)) for n, b in files]  # BadInput names a bad photo
+            t = time.perf_counter()
+            probs, emb, labels = model.predict(np.stack([model_input(im, model.size) for *_, im in photos_in]))
+            return [p[:4] for p in photos_in], probs, emb, labels, (time.perf_counter() - t)*1000  # (name, bytes, sha256, facts) of each
 
     @app.post('/predict', summary='Label one or several photos (multipart "files", or one raw image body)', response_model=PredictOut,
               responses=_refusals(400, 413, 415, 422, 503), openapi_extra=_predict_body(max_files, max_bytes, c))
     async def predict(request:Request):
+        if busy[0] >= max_queue:  # shed load: a client told to come back beats a queue that grows until every answer is late
+            m['requests'].labels('predict', 503).inc()
+            return JSONResponse({'error': 'overloaded', 'detail': f'the server is at capacity ({max_queue} requests in flight, the serve_max_queue '
+                                 'setting): try again after Retry-After seconds'}, status_code=503, headers={'Retry-After': '1'})
+        busy[0] += 1
+        try: return await answer(request)
+        finally: busy[0] -= 1
+
+    async def answer(request:Request):
         t0 = time.perf_counter()
         model = holder.current
         if model is None: return JSONResponse({'error': 'not_ready', 'detail': f'no model loaded: {holder.error}'}, status_code=503)
         try:
             files = await read_photos(request)
             if not files: raise BadInput(422, 'no_files', 'no photo in the request; send multipart files or an image body')
-            photos_in = await run_in_threadpool(check, model, files)
+            photos_in, probs, emb, labels, model_ms = await run_in_threadpool(infer, model, files)
         except BadInput as e:
             m['requests'].labels('predict', e.status).inc()
             await run_in_threadpool(log.refusal, e.code, e.status, e.file)
             return _err(e, m)
-        probs, emb, labels, model_ms = await run_in_threadpool(run, model, photos_in)
         rid, now = uuid.uuid4().hex, time.time()
         latency = (time.perf_counter() - t0)*1000
         rows, preds = [], []
-        for i, ((n, b, f, _), p, e, l) in enumerate(zip(photos_in, probs, emb, labels)):
+        for i, ((n, b, sha, f), p, e, l) in enumerate(zip(photos_in, probs, emb, labels)):
             pr = {c: round(float(v), 6) for c, v in zip(model.classes, p)}
-            sha = sha256_bytes(b)
             rows.append(dict(request_id=rid, item=i, time=now, model_version=model.version, model_hash=model.hash, variant=model.variant,
                              input_sha256=sha, filename=n, format=f['format'], width=f['width'], height=f['height'],
                              brightness=f['brightness'], contrast=f['contrast'], saturation=f['saturation'], embedding=np.asarray(e, np.float32).tobytes(),
@@ -395,9 +408,9 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
 def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None, variant:str=None, holder:ModelHolder=None)->tuple:
     "The app and its model holder (a new one unless given), configured from settings"
     s = get_settings()
-    holder = holder or ModelHolder(stage, model_dir, s.serve_reload_s, registry, variant).start()
+    holder = holder or ModelHolder(stage, model_dir, s.serve_reload_s, registry, variant, s.serve_threads).start()
     log = InferenceLog(db_path(db_url), stage if not model_dir else None)
     photos = photo_store(log.path, s)
-    app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos)
+    app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos, s.serve_max_queue)
     app.state.housekeeper = Housekeeper(log, photos, s.host_every_s).start()
     return app, holder

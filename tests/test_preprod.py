@@ -102,11 +102,19 @@ def test_bench_serve_compares_eager_fp32_and_int8_in_one_run(tmp_path):
         (photos/c).mkdir(parents=True)
         for i in range(1, 4): shutil.copy(TEST_LAKE/f'{c}/{i}.jpg', photos/c)
     env = venv_env()
-    r = petpark(['bench', 'serve', '--images', photos, '--photos', 6, '--levels', '1,2', '--requests', 12,
-                 '--package-dir', tmp_path/'pkg', '--model-dir', tmp_path/'models', '--out', tmp_path/'bench'], env)
+    r = petpark(['bench', 'serve', '--images', photos, '--photos', 6, '--levels', '1,2', '--requests', 12, '--rates', '5,10', '--seconds', 1,
+                 '--engine-seconds', 0.5, '--package-dir', tmp_path/'pkg', '--model-dir', tmp_path/'models', '--out', tmp_path/'bench'], env)
     assert r.returncode == 0, r.stderr
-    rows = json.loads((tmp_path/'bench.json').read_text())
+    res = json.loads((tmp_path/'bench.json').read_text())
+    rows = res['closed']
     assert [(x['variant'], x['concurrency']) for x in rows] == [(v, c) for v in ['eager', 'fp32', 'int8'] for c in [1, 2]]
     assert all(x['failed'] == 0 and x['req_per_s'] > 0 and x['p99_ms'] >= x['p50_ms'] for x in rows)
     assert all(x['req_per_s_vs_eager'] == 1.0 for x in rows if x['variant'] == 'eager')
-    assert '| int8 | 2 |' in (tmp_path/'bench.md').read_text()
+    curve = res['open']
+    assert [(x['variant'], x['offered_rps']) for x in curve] == [(v, r) for v in ['eager', 'fp32', 'int8'] for r in [5, 10]]
+    assert all(x['sent'] == x['ok'] + x['shed_503'] + x['errors'] and x['errors'] == 0 and x['client_cpu_pct'] > 0 for x in curve)
+    assert [x['variant'] for x in res['engine']] == ['eager', 'fp32', 'fp32', 'fp32', 'int8', 'int8', 'int8']
+    assert [x['variant'] for x in res['summary']] == ['eager', 'fp32', 'int8'] and all(x['gflop_per_image'] > 0 for x in res['summary'])
+    md = (tmp_path/'bench.md').read_text()
+    assert '## Open loop' in md and '| int8 | 2 |' in md and 'GFLOP/s' in md
+    assert (tmp_path/'bench.csv').read_text().startswith('variant,offered_rps,')

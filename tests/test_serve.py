@@ -126,6 +126,31 @@ def test_the_api_schema_tells_the_truth(reg, env):
     assert r.returncode == 0 and 'No issues found' in summary and 'Tested: 7' in summary, r.stdout[-6000:] + r.stderr[-2000:]
 
 
+def test_above_capacity_the_server_sheds_load_with_503_and_retry_after(reg):
+    "A burst past serve_max_queue: the excess is refused at once with 503 and Retry-After, nothing else fails, and the server serves afterwards"
+    s = Server(reg[0], PETPARK_SERVE_MAX_QUEUE='1')
+    photos = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 9)]  # 16 photos a request: each takes a while
+    try:
+        got = []
+        for _ in range(5):  # bursts until one overlaps (it does at once on any machine; no clock is asserted)
+            start = threading.Barrier(8)
+            def one():
+                start.wait()
+                r = predict(s.url, *photos)
+                got.append((r.status_code, r.headers.get('retry-after'), r.json()))
+            burst = [threading.Thread(target=one) for _ in range(8)]
+            for t in burst: t.start()
+            for t in burst: t.join()
+            if any(c == 503 for c, _, _ in got): break
+        shed = [(h, j) for c, h, j in got if c == 503]
+        assert shed and all(h == '1' and j['error'] == 'overloaded' and 'serve_max_queue' in j['detail'] for h, j in shed), got[:3]
+        assert {c for c, _, _ in got} <= {200, 503}, [c for c, _, _ in got]
+        assert any(c == 200 for c, _, _ in got)
+        assert predict(s.url, TEST_LAKE/'Cat/1.jpg').status_code == 200, 'still serving after the burst'
+        assert 'petpark_requests_total{endpoint="predict",status="503"}' in httpx.get(s.url + '/metrics').text
+    finally: s.stop()
+
+
 def test_the_server_records_the_hosts_telemetry(srv):
     time.sleep(1.2)
     rows = sqlite3.connect(srv.db).execute('SELECT stage, cpu_pct, mem_pct, disk_pct, rss_mb FROM host').fetchall()
