@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['LOG_SCHEMA', 'HOST_FACTS', 'PHOTO_TYPES', 'ModelHolder', 'InferenceLog', 'host_facts', 'PhotoStore', 'photo_store',
            'Housekeeper', 'ErrorOut', 'Prediction', 'PredictOut', 'FeedbackOut', 'HealthOut', 'ReadyOut', 'NotReadyOut',
-           'VersionOut', 'ReloadOut', 'feedback_model', 'create_app', 'build_app']
+           'VersionOut', 'ReloadOut', 'feedback_model', 'create_app', 'build_app', 'replica_app', 'serve_replicas']
 
 # %% ../nbs/81_serve.ipynb #c0786d53
 import io, json, os, sqlite3, threading, time, uuid
@@ -74,6 +74,7 @@ class InferenceLog:
         self.db, self.stage = Db(db), stage
         self.url = self.db.url
         self.path = db_path(self.url) if self.db.kind == 'sqlite' else log_dir(self.url)/'inference.postgresql'  # its parent: photos, the disk watched
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.db.kind == 'sqlite': self.db.execute('PRAGMA journal_mode=WAL'); self.db.execute('PRAGMA synchronous=FULL')
         self.lock = threading.Lock()
         with self.lock: self._schema()
@@ -249,8 +250,23 @@ def _metrics():
         feedback=Counter('petpark_feedback', 'Feedback labels received, by whether the prediction was right', ['correct'], registry=reg),
         latency=Histogram('petpark_predict_seconds', 'Model time per request', registry=reg,
                           buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)),
-        model=Gauge('petpark_model_info', 'The model being served (value 1)', ['version', 'hash', 'variant'], registry=reg),
-        host=Gauge('petpark_host', "The host's telemetry at the scrape: cpu_pct, mem_pct, disk_pct, temp_c, rss_mb", ['fact'], registry=reg))
+        model=Gauge('petpark_model_info', 'The model being served (value 1)', ['version', 'hash', 'variant'], registry=reg, multiprocess_mode='livemax'),
+        host=Gauge('petpark_host', "The host's telemetry at the scrape: cpu_pct, mem_pct, disk_pct, temp_c, rss_mb", ['fact'], registry=reg,
+                   multiprocess_mode='livemostrecent'))
+
+def _show_model(gauge, cur):
+    "The model-info gauge: 1 for the model served now, nothing for the one before (zeroed first: with workers, a cleared series stays in its file)"
+    for labels in list(gauge._metrics): gauge.labels(*labels).set(0)
+    gauge.clear()
+    if cur: gauge.labels(cur.version, cur.hash[:12], cur.variant).set(1)
+
+def _exposition(reg:CollectorRegistry)->bytes:
+    "This process's metrics; with `petpark serve --workers N` (PROMETHEUS_MULTIPROC_DIR set), every worker's, added up"
+    d = os.environ.get('PROMETHEUS_MULTIPROC_DIR')
+    if not d: return generate_latest(reg)
+    from prometheus_client import multiprocess
+    r = CollectorRegistry(); multiprocess.MultiProcessCollector(r, d)
+    return generate_latest(r)
 
 def _err(e:BadInput, m=None):
     if m: m['rejected'].labels(e.code).inc()
@@ -386,11 +402,10 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
 
     @app.get('/metrics', summary='Prometheus metrics (text exposition format)', response_class=PlainTextResponse)
     def metrics():
-        m['model'].clear()
-        if holder.current: m['model'].labels(holder.current.version, holder.current.hash[:12], holder.current.variant).set(1)
+        _show_model(m['model'], holder.current)
         for k, v in host_facts(log.path.parent).items():
             if v is not None: m['host'].labels(k).set(v)
-        return Response(generate_latest(m['registry']), media_type=CONTENT_TYPE_LATEST)
+        return Response(_exposition(m['registry']), media_type=CONTENT_TYPE_LATEST)
 
     @app.post('/admin/reload', summary='Re-read the registry now (needs the admin token)', response_model=ReloadOut, responses=_refusals(403))
     def reload(token:str|None=Security(admin_key)):
@@ -411,3 +426,28 @@ def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None, va
     app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos)
     app.state.housekeeper = Housekeeper(log, photos, s.host_every_s).start()
     return app, holder
+
+# %% ../nbs/81_serve.ipynb #4c51b043
+def replica_app()->FastAPI:
+    "One worker of `petpark serve --workers N` (uvicorn's factory, in each worker process): the app built from PETPARK_SERVE_ARGS"
+    a = json.loads(os.environ['PETPARK_SERVE_ARGS'])
+    _forget_dead_workers(os.environ.get('PROMETHEUS_MULTIPROC_DIR'))
+    app, holder = build_app(a['stage'], a['model_dir'], a['db_url'], variant=a['variant'])
+    return app
+
+def _forget_dead_workers(d):
+    "Drop the live gauges of workers that are gone (a killed worker never says so itself)"
+    if not d: return
+    from prometheus_client import multiprocess
+    for pid in {int(p.stem.rsplit('_', 1)[1]) for p in Path(d).glob('gauge_live*_*.db')}:
+        try: os.kill(pid, 0)
+        except ProcessLookupError: multiprocess.mark_process_dead(pid, d)
+        except PermissionError: pass
+
+def serve_replicas(stage:str=None, model_dir=None, db_url:str=None, variant:str=None, host:str='127.0.0.1', port:int=8000, workers:int=2):
+    "Serve with `workers` processes on one socket until stopped; a worker that dies is restarted, and /metrics adds up all of them"
+    import uvicorn, tempfile
+    with tempfile.TemporaryDirectory(prefix='petpark-metrics-') as d:
+        os.environ.update(PROMETHEUS_MULTIPROC_DIR=d, PETPARK_SERVE_ARGS=json.dumps(dict(stage=stage, model_dir=model_dir and str(Path(model_dir).resolve()),
+                                                                                         db_url=log_url(db_url), variant=variant)))
+        uvicorn.run('petpark.serve:replica_app', factory=True, host=host, port=port, workers=workers, log_level='warning')

@@ -19,3 +19,63 @@ def test_one_dialect_on_postgres(pg_url):
         db.execute('INSERT INTO a(w) VALUES (?)', ('x',)); assert db.execute('SELECT id FROM a').fetchone()[0] == 1
     with Db(pg_url, readonly=True) as ro:
         with pytest.raises(Exception, match='read-only'): ro.execute('DELETE FROM p')
+
+
+import re, signal, subprocess, threading
+import httpx, psutil
+from petpark.db import Db
+from petpark.govern import lineage
+from petpark.monitor import export_window, open_alerts
+from petpark.testing import Served, lesson_registry
+from conftest import TEST_LAKE, venv_env
+
+PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
+
+
+@pytest.fixture(scope='module')
+def reg(tmp_path_factory):
+    "A lesson model registered and promoted to prod (its package carries a reference for the monitor)"
+    d = tmp_path_factory.mktemp('pg')
+    os.environ['WANDB_MODE'] = 'disabled'
+    r = lesson_registry(d)
+    r.record_preprod('v1', True, by='test'); r.approve('v1', 'test', 'ok'); r.promote('v1', 'staging'); r.promote('v1', 'prod')
+    return d, r
+
+
+def site_env(d, url, **more):
+    return venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_DB_URL=url, PETPARK_STAFF_TOKEN='staff', PETPARK_PHOTO_DIR=str(d/'photos'),
+                    PETPARK_SERVE_RELOAD_S='0.5', PETPARK_HOST_EVERY_S='0.5', **more)
+
+
+def test_serve_feedback_and_monitor_on_postgres(reg, pg_url, tmp_path):
+    "A server logs into PostgreSQL; staff feedback lands there; `petpark monitor` reads it, aggregates, and stores its alerts there"
+    d, r = reg
+    env = site_env(d, pg_url)
+    ids = []
+    with Served(['petpark', 'serve', '--stage', 'prod', '--port', '{port}'], env) as s, httpx.Client(timeout=30) as c:
+        for i, p in enumerate(PHOTOS + PHOTOS[:16]):  # 40 photos, each labelled by staff with its folder's label
+            j = c.post(s.url + '/predict', files=[('files', (p.name, p.read_bytes(), 'image/jpeg'))]).json()
+            ids.append(j['request_id'])
+            fb = c.post(s.url + '/feedback', json=dict(request_id=j['request_id'], label=p.parent.name, item=0), headers={'X-Staff-Token': 'staff'})
+            assert fb.json() == {'updated': 1}, fb.text
+        for _ in range(5):  # a camera sending text files: refused, and logged as refusals
+            assert c.post(s.url + '/predict', files=[('files', ('notes.jpg', b'not a photo', 'image/jpeg'))]).status_code == 422
+        time.sleep(1.2)  # a host sample or two
+    with Db(pg_url, readonly=True) as db:
+        assert db.execute('SELECT COUNT(*), COUNT(feedback), COUNT(DISTINCT request_id) FROM predictions').fetchone() == (40, 40, 40)
+        assert sorted(r[0] for r in db.execute('SELECT request_id FROM predictions')) == sorted(ids)
+        assert db.execute("SELECT COUNT(*) FROM refusals WHERE problem = 'not_image' AND stage = 'prod'").fetchone()[0] == 5
+        assert db.execute('SELECT COUNT(*) FROM host').fetchone()[0] >= 1
+        emb = db.execute('SELECT embedding FROM predictions LIMIT 1').fetchone()[0]
+        assert isinstance(emb, bytes) and len(emb) % 4 == 0
+    out = subprocess.run(['petpark', 'monitor', '--last', '1', '--db-url', pg_url], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 'ALERT (warning) refused inputs: 11.1% of inputs refused (not_image 5)' in out.stdout, out.stdout
+    assert '40 photos, ' in out.stdout and 'accuracy from staff feedback' in out.stdout, out.stdout
+    again = subprocess.run(['petpark', 'monitor', '--last', '1', '--db-url', pg_url], env=env, capture_output=True, text=True)
+    assert 'still open: refused inputs' in again.stdout, again.stdout
+    a = open_alerts(pg_url)
+    assert 'refused inputs' in a.check_name.tolist() and all(f'ALERT ({v}) {k}:' in out.stdout for k, v in zip(a.check_name, a.severity))
+    info = export_window(pg_url, tmp_path/'window', time.time() - 3600, time.time() + 1, 'prod', r)
+    assert info['photos'] == 40 and info['version'] == 'v1'
+    assert lineage(ids[0], pg_url, r)['model']['version'] == 'v1'
