@@ -107,7 +107,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'petpark.dashboard.PatientChannel.get_msg': ( 'dashboard.html#patientchannel.get_msg',
                                                                                  'petpark/dashboard.py'),
                                    'petpark.dashboard.VoilaKernelClient': ('dashboard.html#voilakernelclient', 'petpark/dashboard.py'),
-                                   'petpark.dashboard._day': ('dashboard.html#_day', 'petpark/dashboard.py'),
                                    'petpark.dashboard._demo_workspace': ('dashboard.html#_demo_workspace', 'petpark/dashboard.py'),
                                    'petpark.dashboard._fake_version': ('dashboard.html#_fake_version', 'petpark/dashboard.py'),
                                    'petpark.dashboard._query': ('dashboard.html#_query', 'petpark/dashboard.py'),

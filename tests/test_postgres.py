@@ -79,3 +79,62 @@ def test_serve_feedback_and_monitor_on_postgres(reg, pg_url, tmp_path):
     info = export_window(pg_url, tmp_path/'window', time.time() - 3600, time.time() + 1, 'prod', r)
     assert info['photos'] == 40 and info['version'] == 'v1'
     assert lineage(ids[0], pg_url, r)['model']['version'] == 'v1'
+
+
+def workers_of(pid:int)->list:
+    "The uvicorn worker processes of the server `pid` (spawned children, not multiprocessing's resource tracker)"
+    return [c for c in psutil.Process(pid).children() if 'spawn_main' in ' '.join(c.cmdline())]
+
+
+def metric(text:str, line:str)->float:
+    m = re.search(re.escape(line) + r' ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_two_workers_survive_kill_9_and_log_every_answer_once(reg, pg_url):
+    "`petpark serve --workers 2` on PostgreSQL under load: one worker killed with SIGKILL; every 200 is logged exactly once, the server keeps answering, the master restarts the worker, /metrics adds up"
+    d, r = reg
+    acked, failed, stop, killed_at = [], [], threading.Event(), []
+    body = (TEST_LAKE/'Dog/1.jpg').read_bytes()
+
+    def load():
+        c = httpx.Client(timeout=30)
+        while not stop.is_set():
+            try:
+                res = c.post(s.url + '/predict', files=[('files', ('1.jpg', body, 'image/jpeg'))])
+                if res.status_code == 200: acked.append((time.time(), res.json()['request_id']))
+                else: failed.append(res.status_code)
+            except httpx.HTTPError as e: failed.append(type(e).__name__); c.close(); c = httpx.Client(timeout=30)
+        c.close()
+
+    with Served(['petpark', 'serve', '--stage', 'prod', '--workers', '2', '--port', '{port}'], site_env(d, pg_url)) as s:
+        deadline = time.time() + 120
+        while len(workers_of(s.proc.pid)) < 2 and time.time() < deadline: time.sleep(0.2)
+        before = {w.pid for w in workers_of(s.proc.pid)}
+        assert len(before) == 2, before
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads: t.start()
+        while len(acked) < 40 and time.time() < deadline: time.sleep(0.1)
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGKILL); killed_at.append(time.time())
+        while time.time() < deadline:  # the survivor answers, and the master brings a second worker back
+            now = {w.pid for w in workers_of(s.proc.pid)}
+            if len(now) == 2 and victim not in now and sum(t > killed_at[0] + 1 for t, _ in acked) >= 20: break
+            time.sleep(0.2)
+        stop.set()
+        for t in threads: t.join()
+        after = {w.pid for w in workers_of(s.proc.pid)}
+        assert len(after) == 2 and victim not in after, (before, after)
+        met = httpx.get(s.url + '/metrics').text
+    ok_after = sum(t > killed_at[0] for t, _ in acked)
+    assert ok_after >= 20, (ok_after, failed[:10])
+    with Db(pg_url, readonly=True) as db:
+        logged = db.execute('SELECT request_id, COUNT(*) FROM predictions GROUP BY request_id').fetchall()
+    counts = dict(logged)
+    ids = [i for _, i in acked]
+    assert len(set(ids)) == len(ids) and all(counts.get(i) == 1 for i in ids), 'every acknowledged request logged exactly once'
+    assert max(counts.values()) == 1
+    total = metric(met, 'petpark_requests_total{endpoint="predict",status="200"}')
+    assert len(ids) <= total <= len(counts), (len(ids), total, len(counts))  # both workers' counts, the dead one's included
+    print(f'{len(ids)} answered (200), {len(failed)} failed while the worker died ({sorted(set(map(str, failed)))}), {len(counts)} logged, '
+          f'{ok_after} answered after the kill; /metrics counts {total:g}')
