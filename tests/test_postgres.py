@@ -83,7 +83,10 @@ def test_serve_feedback_and_monitor_on_postgres(reg, pg_url, tmp_path):
 
 def workers_of(pid:int)->list:
     "The uvicorn worker processes of the server `pid` (spawned children, not multiprocessing's resource tracker)"
-    return [c for c in psutil.Process(pid).children() if 'spawn_main' in ' '.join(c.cmdline())]
+    def worker(c):
+        try: return c.status() != psutil.STATUS_ZOMBIE and 'spawn_main' in ' '.join(c.cmdline())
+        except psutil.Error: return False  # gone, or a killed one not yet reaped
+    return [c for c in psutil.Process(pid).children() if worker(c)]
 
 
 def metric(text:str, line:str)->float:
@@ -112,17 +115,19 @@ def test_two_workers_survive_kill_9_and_log_every_answer_once(reg, pg_url):
         while len(workers_of(s.proc.pid)) < 2 and time.time() < deadline: time.sleep(0.2)
         before = {w.pid for w in workers_of(s.proc.pid)}
         assert len(before) == 2, before
-        threads = [threading.Thread(target=load) for _ in range(4)]
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
         for t in threads: t.start()
-        while len(acked) < 40 and time.time() < deadline: time.sleep(0.1)
-        victim = sorted(before)[0]
-        os.kill(victim, signal.SIGKILL); killed_at.append(time.time())
-        while time.time() < deadline:  # the survivor answers, and the master brings a second worker back
-            now = {w.pid for w in workers_of(s.proc.pid)}
-            if len(now) == 2 and victim not in now and sum(t > killed_at[0] + 1 for t, _ in acked) >= 20: break
-            time.sleep(0.2)
-        stop.set()
-        for t in threads: t.join()
+        try:
+            while len(acked) < 40 and time.time() < deadline: time.sleep(0.1)
+            victim = sorted(before)[0]
+            os.kill(victim, signal.SIGKILL); killed_at.append(time.time())
+            while time.time() < deadline:  # the survivor answers, and the master brings a second worker back
+                now = {w.pid for w in workers_of(s.proc.pid)}
+                if len(now) == 2 and victim not in now and sum(t > killed_at[0] + 1 for t, _ in acked) >= 20: break
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads: t.join()
         after = {w.pid for w in workers_of(s.proc.pid)}
         assert len(after) == 2 and victim not in after, (before, after)
         met = httpx.get(s.url + '/metrics').text
