@@ -229,15 +229,22 @@ def serve(stage:str='staging', # the registry stage to serve and follow: staging
           variant:str=None, # with --model-dir: fp32 or int8 (default: the one the package stage chose)
           host:str=None, # interface (default: the serve_host setting, 127.0.0.1)
           port:int=None, # port (default: the serve_port setting)
-          db_url:str=None): # the inference log (default: the db_url setting)
+          db_url:str=None, # the inference log (default: the db_url setting): sqlite:///file or postgresql://user@host:port/db
+          workers:int=1): # server processes on the port (replicas; a dead one is restarted); use a PostgreSQL db_url for several
     "Serve the model over HTTP (/predict, /feedback, /health, /ready, /version, /metrics, /docs); follows the stage"
     import uvicorn
-    from petpark.serve import build_app
+    from petpark.serve import build_app, serve_replicas, ModelHolder, InferenceLog
     s = get_settings()
     if variant and not model_dir: raise PetparkError('--variant needs --model-dir: a registry stage serves the variant its package chose')
-    app, holder = build_app(None if model_dir else stage, model_dir, db_url, variant=variant)
+    if workers < 1: raise PetparkError(f'--workers {workers}: give 1 or more server processes')
+    host, port, st = host or s.serve_host, int(port or s.serve_port), None if model_dir else stage
+    if workers > 1:  # checked once here, so that a bad stage or log fails in words instead of in every worker
+        if ModelHolder(st, model_dir, variant=variant).load() is None: raise PetparkError(f'nothing to serve: the {stage} stage has no loadable model')
+        InferenceLog(db_url).con.close()  # the log's tables, made once
+        return serve_replicas(st, model_dir, db_url, variant, host, port, workers)
+    app, holder = build_app(st, model_dir, db_url, variant=variant)
     if holder.current is None: raise PetparkError(f'nothing to serve: {holder.error}')
-    uvicorn.run(app, host=host or s.serve_host, port=int(port or s.serve_port), log_level='warning')
+    uvicorn.run(app, host=host, port=port, log_level='warning')
 
 # %% ../nbs/90_cli.ipynb #d354f7cb
 def _api_url(url:str=None)->str:
@@ -296,17 +303,17 @@ def monitor(since:str=None, # window start, YYYY-MM-DD[THH:MM] (default: --last 
             json:store_true=False): # print the checks and alerts as JSON instead of words
     "Check production: integrity, data drift, prediction drift and bias, model drift from feedback, telemetry; store and post alerts"
     from petpark.monitor import run_monitor, monitor_text, export_window
-    from petpark.serve import db_path
+    from petpark.db import log_url, log_exists, safe_url
     P, s = load_params(), get_settings()
     end = _when(until, 'until') if until else time.time()
     start = _when(since, 'since') if since else end - 3600*(last or P.monitor.window_hours)
     if stage not in ('prod', 'staging', 'all'): raise PetparkError(f'--stage {stage!r}: use prod, staging or all')
-    st, db = None if stage == 'all' else stage, db_path(db_url)
+    st, db = None if stage == 'all' else stage, log_url(db_url)
     import json as js  # the module, which the `--json` flag's name hides here
     if export:
         info = export_window(db, proj_path(export), start, end, st)
-        return print(f"{export}: {info['photos']} photos served by {info['version'] or 'no version'} on {stage} servers" + ('' if db.exists() else f' (no inference log at {db} yet)'))
-    if not db.exists(): raise PetparkError(f'no inference log at {db}: serve first (`petpark serve`) or pass --db-url')
+        return print(f"{export}: {info['photos']} photos served by {info['version'] or 'no version'} on {stage} servers" + ('' if log_exists(db) else f' (no inference log at {safe_url(db)} yet)'))
+    if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)}: serve first (`petpark serve`) or pass --db-url')
     res = run_monitor(db, start, end, P.monitor, s.alert_webhook, stage=st)
     print(js.dumps(res, indent=2, default=str) if json else monitor_text(res))
 
@@ -319,8 +326,8 @@ def retrain(held:store_true=False, # list the labels held for review, retrain no
             by:str=None): # who acts (default: PETPARK_USER, else the login name)
     "Retrain on staff feedback: a new lake batch, data.dvc pinned, dvc repro, staging, pre-production test; then it waits for QA"
     from petpark.govern import retrain as run, new_labels, review
-    from petpark.serve import db_path
-    db = db_path(db_url)
+    from petpark.db import log_url
+    db = log_url(db_url)
     if held:
         h = new_labels(db, load_params().retrain.hold_confidence)[1]
         return print(h[['input_sha256', 'label', 'predicted', 'confidence', 'request_id']].to_string(index=False) if len(h) else 'no labels are held for review')
@@ -343,8 +350,7 @@ def lineage(request_id:str, # the request_id of a /predict answer (it is in the 
             json:store_true=False): # print it as JSON
     "Walk one prediction back to its model version, registry record and approvals, training run, git commit, data version, manifest and params"
     from petpark.govern import lineage as walk, lineage_text
-    from petpark.serve import db_path
-    l = walk(request_id, db_path(db_url))
+    l = walk(request_id, db_url)
     import json as js
     print(js.dumps(l, indent=2, default=str) if json else lineage_text(l))
 

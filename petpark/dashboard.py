@@ -20,6 +20,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.channels import AsyncZMQSocketChannel
 from traitlets import Type
 from .core import *
+from .db import Db, log_dir, log_exists
 
 # %% ../nbs/94_dashboard.ipynb #460a29a2
 DASHBOARDS = {  # name: (notebook, title, the question it answers)
@@ -43,14 +44,14 @@ def read_json(p)->dict|None:
     return json.loads(p.read_text()) if p.exists() else None
 
 # %% ../nbs/94_dashboard.ipynb #40c3e785
-def _day(col='time'): return f"date({col}, 'unixepoch', 'localtime')"
-
-def _query(db, q:str, args=())->pd.DataFrame:
-    "A read-only query's rows; an empty frame when the log predates the table"
-    con = sqlite3.connect(f'file:{Path(db)}?mode=ro', uri=True)
-    try: return pd.read_sql_query(q, con, params=args)
-    except (pd.errors.DatabaseError, sqlite3.OperationalError): return pd.DataFrame()
-    finally: con.close()
+def _query(db, q, args=())->pd.DataFrame:
+    "A read-only query's rows from the log `db` (a db_url or a SQLite file); `q` is SQL, or a function of the `Db` that writes it in its dialect. An empty frame when the log or the table is absent"
+    if not log_exists(db): return pd.DataFrame()
+    with Db(db, readonly=True) as con:
+        try: return con.frame(q(con) if callable(q) else q, args)
+        except Exception as e:
+            if 'no such table' in str(e) or 'does not exist' in str(e): return pd.DataFrame()  # a log older than the table
+            raise
 
 def local_day(t:float)->str:
     "The local date of epoch seconds `t`, as the log's days are counted"
@@ -62,7 +63,6 @@ def day_start(day:str)->float:
 
 def log_span(db, stage:str=None)->tuple|None:
     "(first, last) prediction time in `db` (epoch seconds) of the servers of `stage` (default: all); None when nothing was served"
-    if not Path(db).exists(): return None
     st, args = ('WHERE stage = ?', (stage,)) if stage else ('', ())
     r = _query(db, f'SELECT MIN(time) t0, MAX(time) t1 FROM predictions {st}', args)
     return None if r.empty or pd.isna(r.t0[0]) else (float(r.t0[0]), float(r.t1[0]))
@@ -70,17 +70,17 @@ def log_span(db, stage:str=None)->tuple|None:
 def daily_trends(db, since:float, until:float, positive:str='Dog', stage:str=None)->pd.DataFrame:
     "One row per day from `since` to `until`: photos, requests, predicted `positive` share, label-free accuracy estimate, feedback, latency p50/p99, refusals, host load"
     st = ' AND stage = ?' if stage else ''
-    args, key = (since, until, *([stage] if stage else [])), f'$."{positive}"'
-    pred = _query(db, f'''SELECT {_day()} day, COUNT(*) photos, COUNT(DISTINCT request_id) requests, AVG(label = ?) pred_share,
-        AVG(MAX(json_extract(probs, ?), 1 - json_extract(probs, ?))) confidence,
-        SUM(feedback IS NOT NULL) feedback, SUM(feedback = label) feedback_right
-        FROM predictions WHERE time >= ? AND time < ?{st} GROUP BY day''', (positive, key, key, *args))
-    lat = _query(db, f'''WITH r AS (SELECT {_day()} day, latency_ms, ROW_NUMBER() OVER w k, COUNT(*) OVER (PARTITION BY {_day()}) n
-        FROM predictions WHERE time >= ? AND time < ?{st} WINDOW w AS (PARTITION BY {_day()} ORDER BY latency_ms))
+    args = (since, until, *([stage] if stage else []))
+    pred = _query(db, lambda c: f'''SELECT {c.day()} AS day, COUNT(*) photos, COUNT(DISTINCT request_id) requests,
+        AVG(CASE WHEN label = ? THEN 1.0 ELSE 0 END) pred_share, AVG(CASE WHEN {(p := c.json_num('probs', positive))} >= 0.5 THEN {p} ELSE 1 - {p} END) confidence,
+        COUNT(feedback) feedback, SUM(CASE WHEN feedback = label THEN 1 ELSE 0 END) feedback_right
+        FROM predictions WHERE time >= ? AND time < ?{st} GROUP BY 1''', (positive, *args))
+    lat = _query(db, lambda c: f'''WITH r AS (SELECT {c.day()} AS day, latency_ms, ROW_NUMBER() OVER w k, COUNT(*) OVER (PARTITION BY {c.day()}) n
+        FROM predictions WHERE time >= ? AND time < ?{st} WINDOW w AS (PARTITION BY {c.day()} ORDER BY latency_ms))
         SELECT day, MIN(CASE WHEN k >= 0.5*n THEN latency_ms END) p50, MIN(CASE WHEN k >= 0.99*n THEN latency_ms END) p99 FROM r GROUP BY day''', args)
-    ref = _query(db, f'SELECT {_day()} day, COUNT(*) refused FROM refusals WHERE time >= ? AND time < ?{st} GROUP BY day', args)
-    host = _query(db, f'''SELECT {_day()} day, AVG(cpu_pct) cpu_pct, AVG(mem_pct) mem_pct, MAX(disk_pct) disk_pct, MAX(temp_c) temp_c
-        FROM host WHERE time >= ? AND time < ?{st} GROUP BY day''', args)
+    ref = _query(db, lambda c: f'SELECT {c.day()} AS day, COUNT(*) refused FROM refusals WHERE time >= ? AND time < ?{st} GROUP BY 1', args)
+    host = _query(db, lambda c: f'''SELECT {c.day()} AS day, AVG(cpu_pct) cpu_pct, AVG(mem_pct) mem_pct, MAX(disk_pct) disk_pct, MAX(temp_c) temp_c
+        FROM host WHERE time >= ? AND time < ?{st} GROUP BY 1''', args)
     out = pd.DataFrame({'day': pd.date_range(local_day(since), local_day(until - 1)).strftime('%Y-%m-%d')})
     for t in (pred, lat, ref, host):
         if len(t): out = out.merge(t, on='day', how='left')
@@ -103,8 +103,8 @@ def daily_drift(db, since:float, until:float, ref:dict, positive:str='Dog', stag
     "KS p-value per day and statistic of the window's photos against the reference `ref` (`load_reference`)"
     from scipy.stats import ks_2samp
     st = ' AND stage = ?' if stage else ''
-    df = _query(db, f'''SELECT {_day()} day, brightness, contrast, saturation, json_extract(probs, ?) p_pos
-        FROM predictions WHERE time >= ? AND time < ?{st}''', (f'$."{positive}"', since, until, *([stage] if stage else [])))
+    df = _query(db, lambda c: f'''SELECT {c.day()} AS day, brightness, contrast, saturation, {c.json_num('probs', positive)} p_pos
+        FROM predictions WHERE time >= ? AND time < ?{st}''', (since, until, *([stage] if stage else [])))
     rows = []
     for day, g in df.groupby('day') if len(df) else []:
         r = {'day': day}
@@ -410,9 +410,9 @@ def shap_tile(photo:np.ndarray, sv:np.ndarray, size:int=128)->'Image.Image':
 def alerts_html(db, limit:int=20)->str:
     "The stored alerts, open ones first: what was found, since when, what to do, and the evidence photos the server kept"
     from petpark.serve import PhotoStore
-    a = _query(db, 'SELECT * FROM alerts ORDER BY closed IS NOT NULL, opened DESC LIMIT ?', (limit,)) if Path(db).exists() else pd.DataFrame()
+    a = _query(db, 'SELECT * FROM alerts ORDER BY closed IS NOT NULL, opened DESC LIMIT ?', (limit,))
     if a.empty: return '<p>No alert has been raised: <code>petpark monitor</code> stores one when a check fails.</p>'
-    s = get_settings(); store = PhotoStore(site_path(s.photo_dir) if s.photo_dir else Path(db).parent/'photos')
+    s = get_settings(); store = PhotoStore(site_path(s.photo_dir) if s.photo_dir else log_dir(db)/'photos')
     out = []
     for r in a.itertuples():
         ev = json.loads(r.evidence) if isinstance(r.evidence, str) else None

@@ -12,23 +12,25 @@ from pathlib import Path
 import pandas as pd, yaml
 from .core import *
 from .registry import Registry, user_name
-from .serve import PhotoStore, db_path, photo_store
+from .serve import PhotoStore, photo_store
+from .db import Db, log_exists, log_url, safe_url
 
 # %% ../nbs/83_govern.ipynb #6494d489
 GOVERN_SCHEMA = '''CREATE TABLE IF NOT EXISTS lake_batches(input_sha256 TEXT PRIMARY KEY, label TEXT, batch TEXT, path TEXT, time REAL);
 CREATE TABLE IF NOT EXISTS held(input_sha256 TEXT PRIMARY KEY, request_id TEXT, item INT, label TEXT, predicted TEXT, confidence REAL,
-  time REAL, status TEXT, by TEXT, decided REAL)'''
+  time REAL, status TEXT, "by" TEXT, decided REAL)'''
 
-def _con(db)->sqlite3.Connection:
-    con = sqlite3.connect(db, isolation_level=None); con.executescript(GOVERN_SCHEMA); return con
+def _con(db)->Db:
+    "The log `db` (a db_url or a SQLite file) with govern's tables"
+    con = Db(db); con.script(GOVERN_SCHEMA); return con
 
 def new_labels(db, hold_confidence:float)->tuple:
     "(take, held): staff-labelled photos not yet in a lake batch, one row per photo (its latest label); `held` contradict a prediction at least `hold_confidence` sure, unless a reviewer confirmed them"
     con = _con(db)
     try:
-        df = pd.read_sql_query('''SELECT p.input_sha256, p.request_id, p.item, p.format, p.feedback AS label, p.label AS predicted, p.probs, p.feedback_time
+        df = con.frame('''SELECT p.input_sha256, p.request_id, p.item, p.format, p.feedback AS label, p.label AS predicted, p.probs, p.feedback_time
             FROM predictions p WHERE p.feedback IS NOT NULL AND p.input_sha256 NOT IN (SELECT input_sha256 FROM lake_batches)
-            ORDER BY p.feedback_time''', con)
+            ORDER BY p.feedback_time''')
         review = dict(con.execute('SELECT input_sha256, status FROM held').fetchall())
     finally: con.close()
     df = df.drop_duplicates('input_sha256', keep='last')  # the latest label of a photo that came more than once
@@ -52,7 +54,7 @@ def review(db, sha:str, decision:str, by=None)->dict:
     try:
         rows = con.execute("SELECT input_sha256 FROM held WHERE input_sha256 LIKE ? AND status = 'held'", (sha + '%',)).fetchall()
         if len(rows) != 1: raise PetparkError(f"{sha!r} names {len(rows)} held labels: give more of the photo's sha256 (`petpark retrain --held` lists them)")
-        con.execute('UPDATE held SET status=?, by=?, decided=? WHERE input_sha256=?', (decision, user_name(by), time.time(), rows[0][0]))
+        con.execute('UPDATE held SET status=?, "by"=?, decided=? WHERE input_sha256=?', (decision, user_name(by), time.time(), rows[0][0]))
     finally: con.close()
     return dict(input_sha256=rows[0][0], status=decision)
 
@@ -77,7 +79,7 @@ def write_batch(lake, take:pd.DataFrame, photos:PhotoStore, batch:str)->pd.DataF
 def mark_batch(db, written:pd.DataFrame, batch:str):
     "Remember the photos now in the lake, so that no retrain adds them twice"
     con = _con(db)
-    try: con.executemany('INSERT OR IGNORE INTO lake_batches VALUES (?,?,?,?,?)', [(r.input_sha256, r.label, batch, r.path, time.time()) for r in written.itertuples()])
+    try: con.executemany('INSERT OR IGNORE INTO lake_batches(input_sha256, label, batch, path, time) VALUES (?,?,?,?,?)', [(r.input_sha256, r.label, batch, r.path, time.time()) for r in written.itertuples()])
     finally: con.close()
 
 # %% ../nbs/83_govern.ipynb #57cbbb14
@@ -93,8 +95,8 @@ def retrain(db=None, params:Params=None, registry:Registry=None, by=None, say=pr
     "Staff-labelled photos → a new lake batch → `data.dvc` pinned → `dvc repro` → staging → pre-production test; the version then awaits QA"
     from petpark.testing import Served  # the same loopback server runner the tests use
     P, s, root = params or load_params(), get_settings(), proj_root()
-    db, reg, who = Path(db or db_path()), registry or Registry(), user_name(by)
-    if not db.exists(): raise PetparkError(f'no inference log at {db}: nothing has been served yet (db_url setting)')
+    db, reg, who = log_url(db), registry or Registry(), user_name(by)
+    if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)}: nothing has been served yet (db_url setting)')
     photos = photo_store(db, s)
     take, held = new_labels(db, P.retrain.hold_confidence)
     hold(db, held)
@@ -134,13 +136,13 @@ def _git(root, *a)->str:
 
 def lineage(request_id:str, db=None, registry:Registry=None)->dict:
     "From one logged prediction back to the model version, its registry record and approvals, the W&B run, the git commit, the data version, the manifest and the params"
-    db, reg, root = Path(db or db_path()), registry or Registry(), proj_root()
-    if not db.exists(): raise PetparkError(f'no inference log at {db} (db_url setting)')
-    con = sqlite3.connect(f'file:{db}?mode=ro', uri=True)
-    try: rows = pd.read_sql_query('SELECT item, time, stage, model_version, model_hash, variant, input_sha256, filename, label, probs, feedback '
-                                  'FROM predictions WHERE request_id = ? ORDER BY item', con, params=(request_id,))
+    db, reg, root = log_url(db), registry or Registry(), proj_root()
+    if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)} (db_url setting)')
+    con = Db(db, readonly=True)
+    try: rows = con.frame('SELECT item, time, stage, model_version, model_hash, variant, input_sha256, filename, label, probs, feedback '
+                                  'FROM predictions WHERE request_id = ? ORDER BY item', (request_id,))
     finally: con.close()
-    if not len(rows): raise PetparkError(f'no logged prediction with request_id {request_id!r} in {db}: copy it from the /predict answer')
+    if not len(rows): raise PetparkError(f'no logged prediction with request_id {request_id!r} in {safe_url(db)}: copy it from the /predict answer')
     ver = rows.model_version[0]
     rec = reg.resolve(ver)
     sv = json.loads(Path(reg.fetch(ver)['files']['serving.json']).read_text())

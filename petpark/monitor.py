@@ -17,6 +17,7 @@ from scipy import stats
 from .core import *
 from .runtime import LoadedModel, decode_photo, onnx_predict
 from .serve import HOST_FACTS
+from .db import Db, log_exists
 from .judge import share_words, wilson
 
 # %% ../nbs/07_monitor.ipynb #b36507b6
@@ -45,19 +46,18 @@ def load_reference(path)->dict:
 # %% ../nbs/07_monitor.ipynb #bf355dbc
 _COLS = 'rowid, request_id, item, time, stage, model_version, filename, brightness, contrast, saturation, label, probs, latency_ms, feedback'
 
-def _table(con, q:str, args:tuple, cols:list)->pd.DataFrame:
-    "A query's rows, or an empty frame with `cols` when the log predates the table"
-    try: return pd.read_sql_query(q, con, params=args)
-    except (pd.errors.DatabaseError, sqlite3.OperationalError): return pd.DataFrame(columns=cols)
+def _table(con:Db, table:str, q:str, args:tuple, cols:list)->pd.DataFrame:
+    "A query's rows, or an empty frame with `cols` when the log predates `table`"
+    return con.frame(q, args) if con.columns(table) else pd.DataFrame(columns=cols)
 
 def read_window(db, since:float, until:float, max_embeddings:int=1000, seed:int=0, stage:str=None)->tuple:
-    "(predictions with a `p_<class>` column per class, embeddings of a sample of them, refusals, host samples) logged in `db` from `since` to `until` (epoch seconds), by the servers of `stage` (default: all)"
-    con = sqlite3.connect(f'file:{Path(db)}?mode=ro', uri=True)
+    "(predictions with a `p_<class>` column per class, embeddings of a sample of them, refusals, host samples) logged in `db` (a db_url or a SQLite file) from `since` to `until` (epoch seconds), by the servers of `stage` (default: all)"
+    con = Db(db, readonly=True)
     st, args = (' AND stage = ?', (since, until, stage)) if stage else ('', (since, until))
     try:
-        df = pd.read_sql_query(f'SELECT {_COLS} FROM predictions WHERE time >= ? AND time < ?{st} ORDER BY time', con, params=args)
-        ref = _table(con, f'SELECT time, problem FROM refusals WHERE time >= ? AND time < ?{st}', args, ['time', 'problem'])
-        host = _table(con, f'SELECT * FROM host WHERE time >= ? AND time < ?{st} ORDER BY time', args, ['time', *HOST_FACTS])
+        df = con.frame(f'SELECT {_COLS} FROM predictions WHERE time >= ? AND time < ?{st} ORDER BY time', args)
+        ref = _table(con, 'refusals', f'SELECT time, problem FROM refusals WHERE time >= ? AND time < ?{st}', args, ['time', 'problem'])
+        host = _table(con, 'host', f'SELECT time, {", ".join(HOST_FACTS)} FROM host WHERE time >= ? AND time < ?{st} ORDER BY time', args, ['time', *HOST_FACTS])
         ids = df.rowid.values
         if len(ids) > max_embeddings: ids = np.sort(np.random.default_rng(seed).choice(ids, max_embeddings, replace=False))
         rows = con.execute(f"SELECT rowid, embedding FROM predictions WHERE rowid IN ({','.join(map(str, ids))})").fetchall() if len(ids) else []
@@ -218,9 +218,9 @@ def post_webhook(url:str, alert:dict, timeout:float=10)->bool:
     except httpx.HTTPError as e: get_logger('petpark.monitor').warning(f'alert not posted to {url}: {type(e).__name__}'); return False
 
 def update_alerts(db, checks:list, now:float=None, webhook:str='')->dict:
-    "Open, refresh or close the stored alerts for `checks`; returns the alerts `opened` now, still `open`, and `closed`"
+    "Open, refresh or close the stored alerts for `checks` in the log `db` (a db_url or a SQLite file); returns the alerts `opened` now, still `open`, and `closed`"
     now, res = now or time.time(), dict(opened=[], open=[], closed=[])
-    con = sqlite3.connect(db, isolation_level=None)
+    con = Db(db)
     try:
         con.execute(ALERTS_SCHEMA)
         for c in checks:
@@ -247,9 +247,9 @@ def monitor_window(db, reference:dict, positive:str, since:float, until:float, p
 
 def served_version(db, since:float, until:float, stage:str=None)->str|None:
     "The model version that served most of the window (None: no predictions in it)"
-    con = sqlite3.connect(f'file:{Path(db)}?mode=ro', uri=True)
+    con = Db(db, readonly=True)
     st, args = (' AND stage = ?', (since, until, stage)) if stage else ('', (since, until))
-    try: row = con.execute(f'SELECT model_version, COUNT(*) n FROM predictions WHERE time >= ? AND time < ?{st} GROUP BY 1 ORDER BY n DESC LIMIT 1', args).fetchone()
+    try: row = con.execute(f'SELECT model_version, COUNT(*) n FROM predictions WHERE time >= ? AND time < ?{st} GROUP BY 1 ORDER BY n DESC, 1 LIMIT 1', args).fetchone()
     finally: con.close()
     return row and row[0]
 
@@ -283,22 +283,21 @@ def export_window(db, out_dir, since:float, until:float, stage:str=None, registr
     "Copy a window of the log in `db` (predictions, refusals, host samples; the alerts open in it) and the served version's reference into `out_dir`"
     from petpark.serve import LOG_SCHEMA
     out = Path(out_dir); shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
-    db = Path(db); ver = served_version(db, since, until, stage) if db.exists() else None
+    have_log = log_exists(db); ver = served_version(db, since, until, stage) if have_log else None
     info = dict(since=since, until=until, stage=stage, version=ver, positive=None, photos=0)
-    con = sqlite3.connect(f"file:{(out/'log.sqlite').resolve()}", uri=True, isolation_level=None)
-    try:
-        con.executescript(LOG_SCHEMA); con.execute(ALERTS_SCHEMA)
-        if db.exists():
-            con.execute('ATTACH DATABASE ? AS src', (f'file:{db.resolve()}?mode=ro',))  # the live log, read-only
-            for t in ['predictions', 'refusals', 'host', 'alerts']:
-                have = {r[1] for r in con.execute(f'PRAGMA src.table_info({t})')}
-                if not have: continue
-                cols = ','.join(r[1] for r in con.execute(f'PRAGMA main.table_info({t})') if r[1] in have)
-                where = 'closed IS NULL OR closed >= ?' if t == 'alerts' else 'time >= ? AND time < ?' + (' AND stage = ?' if stage and 'stage' in have else '')
-                args = (since,) if t == 'alerts' else (since, until, *([stage] if stage and 'stage' in have else []))
-                con.execute(f'INSERT INTO main.{t}({cols}) SELECT {cols} FROM src.{t} WHERE {where}', args)
-            info['photos'] = con.execute('SELECT COUNT(*) FROM main.predictions').fetchone()[0]
-    finally: con.close()
+    with Db(out/'log.sqlite') as dst:
+        dst.script(LOG_SCHEMA); dst.execute(ALERTS_SCHEMA)
+        if have_log:
+            with Db(db, readonly=True) as src:  # the live log, read-only: SQLite or PostgreSQL
+                for t in ['predictions', 'refusals', 'host', 'alerts']:
+                    have = set(src.columns(t))
+                    if not have: continue
+                    cols = ','.join(c for c in dst.columns(t) if c in have)
+                    where = 'closed IS NULL OR closed >= ?' if t == 'alerts' else 'time >= ? AND time < ?' + (' AND stage = ?' if stage and 'stage' in have else '')
+                    args = (since,) if t == 'alerts' else (since, until, *([stage] if stage and 'stage' in have else []))
+                    rows = src.execute(f'SELECT {cols} FROM {t} WHERE {where}', args).fetchall()
+                    with dst.transaction(): dst.executemany(f"INSERT INTO {t}({cols}) VALUES ({','.join('?'*len(cols.split(',')))})", rows)
+            info['photos'] = dst.execute('SELECT COUNT(*) FROM predictions').fetchone()[0]
     if ver:
         from petpark.registry import Registry
         files = (registry or Registry()).fetch(ver)['files']
@@ -309,9 +308,9 @@ def export_window(db, out_dir, since:float, until:float, stage:str=None, registr
     return info
 
 def open_alerts(db)->pd.DataFrame:
-    "The alerts stored in `db` that are still open, newest first"
-    con = sqlite3.connect(f'file:{Path(db)}?mode=ro', uri=True)
-    try: return _table(con, 'SELECT check_name, severity, opened, last_seen, words, action FROM alerts WHERE closed IS NULL ORDER BY opened DESC', (),
+    "The alerts stored in `db` (a db_url or a SQLite file) that are still open, newest first"
+    con = Db(db, readonly=True)
+    try: return _table(con, 'alerts', 'SELECT check_name, severity, opened, last_seen, words, action FROM alerts WHERE closed IS NULL ORDER BY opened DESC', (),
                        ['check_name', 'severity', 'opened', 'last_seen', 'words', 'action'])
     finally: con.close()
 

@@ -108,3 +108,38 @@ def tiny_pipeline(tmp_path_factory):
     sh("git add -A && git commit -qm 'tiny run'", repo, env)
     return SimpleNamespace(repo=repo, lake=lake, env=env, lake_digest=lake_digest, data=data, strict=strict, lenient=lenient,
                            commit=sh('git rev-parse HEAD', repo, env).strip(), outs=file_hashes(repo, dvc_outs(repo)))
+
+
+PG_BIN = Path(os.environ.get('PETPARK_PG_BIN', '/usr/lib/postgresql/15/bin'))
+
+
+def _as_postgres(args:list)->list:
+    "`initdb` and the server refuse root: as root, run them as the `postgres` user"
+    return ['runuser', '-u', 'postgres', '--', *map(str, args)] if os.geteuid() == 0 else list(map(str, args))
+
+
+@pytest.fixture(scope='session')
+def pg_server():
+    "A real PostgreSQL server on a free loopback port, in a temporary folder, stopped after the session; its base URL"
+    import socket, subprocess, tempfile
+    if not (PG_BIN/'initdb').exists(): pytest.skip(f'PostgreSQL binaries absent ({PG_BIN}): apt-get install postgresql (or set PETPARK_PG_BIN)')
+    d = Path(tempfile.mkdtemp(prefix='petpark-pg-'))
+    if os.geteuid() == 0: shutil.chown(d, 'postgres', 'postgres')
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    run = lambda *a: subprocess.run(_as_postgres(a), check=True, capture_output=True, text=True)
+    run(PG_BIN/'initdb', '-D', d/'data', '-U', 'postgres', '-A', 'trust', '-E', 'UTF8', '--no-sync')
+    run(PG_BIN/'pg_ctl', '-D', d/'data', '-l', d/'server.log', '-w', '-o', f'-p {port} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off', 'start')
+    try: yield f'postgresql://postgres@127.0.0.1:{port}'
+    finally:
+        subprocess.run(_as_postgres([PG_BIN/'pg_ctl', '-D', d/'data', '-m', 'fast', '-w', 'stop']), capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server, request):
+    "A fresh, empty database on the session's PostgreSQL server, for one test; its URL"
+    import psycopg, re
+    name = 't_' + re.sub(r'\W', '_', request.node.name.lower())[:50]
+    with psycopg.connect(f'{pg_server}/postgres', autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS {name}'); c.execute(f'CREATE DATABASE {name}')
+    return f'{pg_server}/{name}'
