@@ -36,7 +36,7 @@ def fig_hist(kept:pd.DataFrame, col:str, title:str=None, nbins:int=50):
 # %% ../nbs/02_eda.ipynb #a5757787
 def dup_table(man:pd.DataFrame)->pd.DataFrame:
     "Exact duplicates (set aside) and near-duplicate groups (kept together in one split, or quarantined)"
-    exact = man[man.status == 'duplicate'][['path', 'label', 'dup_of']].assign(kind='exact duplicate', group=man.dup_of)
+    exact = man[man.status == 'duplicate'][['path', 'label', 'dup_of']].assign(kind='exact duplicate', group=lambda d: d.dup_of)  # a Series would give an empty frame its index
     near = man[man.near_dup_group.notna()].assign(kind='near duplicate', group=lambda d: d.near_dup_group.astype(str).str[:12])  # astype: a lake with no near-duplicates has an all-empty float column
     return pd.concat([exact, near])[['kind', 'group', 'path', 'label', 'status', 'split']].sort_values(['kind', 'group'])
 
