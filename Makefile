@@ -26,7 +26,7 @@ run: data
 
 test: install
 	nbdev-test
-	python -m pytest -q
+	python -m pytest -q --durations=30
 
 # the notebooks' lesson outputs, kept in git so that they read as documentation (big outputs trimmed)
 lessons: install
