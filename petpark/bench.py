@@ -7,10 +7,13 @@ __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench'
            'bench_latency', 'bench_evaluate', 'EagerModel', 'bench_model', 'bench_server', 'open_loop', 'engine_rate',
            'onnx_macs', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'write_serve_bench', 'night',
            'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor', 'synth_log', 'time_monitor',
-           'monitor_verdict', 'bench_monitor_report', 'experiment_table', 'experiments_markdown']
+           'monitor_verdict', 'bench_monitor_report', 'experiment_table', 'experiments_markdown', 'on_cores',
+           'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train', 'scale_serve', 'scale_table',
+           'scale_projection', 'bench_scale', 'scale_words', 'write_scale_report']
 
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, re, subprocess, sys, tempfile, time, zlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -56,15 +59,15 @@ from petpark.core import IngestParams, from_dict
 from petpark.ingest import ingest_lake
 a = json.loads(sys.argv[1])
 with tempfile.TemporaryDirectory() as d:
-    m = ingest_lake(a['lake'], d + '/out', from_dict(IngestParams, a['params'], 'bench'), cache_dir=a.get('cache') or d + '/cache', workers=a['workers'])
+    m = ingest_lake(a['lake'], a.get('out') or d + '/out', from_dict(IngestParams, a['params'], 'bench'), cache_dir=a.get('cache') or d + '/cache', workers=a['workers'])
 kb = lambda w: resource.getrusage(w).ru_maxrss
 print(json.dumps(dict(images=m['files'], seconds=m['seconds'], images_per_s=m['images_per_s'],
                       peak_mb=round((kb(resource.RUSAGE_SELF) + kb(resource.RUSAGE_CHILDREN)) / 1024, 1))))
 """
 
-def _bench_run(lake, workers:int, p:IngestParams, cache=None)->dict:
-    "One ingest of `lake` in a fresh process: images/s and peak memory (process + largest worker)"
-    arg = json.dumps(dict(lake=str(lake), workers=workers, params=asdict(p), cache=cache and str(cache)))
+def _bench_run(lake, workers:int, p:IngestParams, cache=None, out=None)->dict:
+    "One ingest of `lake` in a fresh process: images/s and peak memory (process + largest worker); its manifest kept in `out` if given"
+    arg = json.dumps(dict(lake=str(lake), workers=workers, params=asdict(p), cache=cache and str(cache), out=out and str(out)))
     out = subprocess.run([sys.executable, '-c', _BENCH_RUN, arg], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -551,3 +554,144 @@ def experiments_markdown(df:pd.DataFrame)->str:
     d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=plain(df.lr), label_smoothing=plain(df.label_smoothing),
                                         ci95=[f'{lo:.2%} to {hi:.2%}' for lo, hi in zip(df.ci95_low, df.ci95_high)])
     return _md_table(d.assign(train_min=[None if v is None else f'{v:.1f}' for v in d.train_min]))
+
+# %% ../nbs/92_bench.ipynb #f4668e46
+@contextmanager
+def on_cores(n:int):
+    "Processes started inside the block run on this machine's first `n` cores (inherited CPU affinity), OpenMP libraries one thread each"
+    if not hasattr(os, 'sched_setaffinity'): raise PetparkError('bench scale pins workers to cores with Linux CPU affinity: run it on Linux')
+    have = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(have): raise PetparkError(f'{n} workers need {n} cores, one each, and this process may use {len(have)}: choose 1 to {len(have)}')
+    omp = os.environ.get('OMP_NUM_THREADS')
+    os.sched_setaffinity(0, have[:n]); os.environ['OMP_NUM_THREADS'] = '1'
+    try: yield have[:n]
+    finally:
+        os.sched_setaffinity(0, have)
+        if omp is None: os.environ.pop('OMP_NUM_THREADS', None)
+        else: os.environ['OMP_NUM_THREADS'] = omp
+
+def scale_workers(workers)->tuple:
+    "`workers` (e.g. '1,2' or (1, 2)) checked: ascending, from 1, at most this process's cores; one clear error otherwise"
+    try: ws = tuple(int(x) for x in (workers.split(',') if isinstance(workers, str) else workers))
+    except ValueError: raise PetparkError(f'--workers {workers!r}: give numbers of workers separated by commas, e.g. 1,2') from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if not ws or ws[0] != 1 or list(ws) != sorted(set(ws)) or ws[-1] > cores:
+        raise PetparkError(f'--workers {",".join(map(str, ws))}: give ascending numbers from 1 (the baseline) to {cores}, this machine\'s cores: one core a worker')
+    return ws
+
+def karp_flatt(speedup:float, p:int)->float:
+    "The serial fraction that explains `speedup` on `p` workers (Karp and Flatt, 1990): (1/S - 1/p) / (1 - 1/p)"
+    return (1/speedup - 1/p)/(1 - 1/p)
+
+# %% ../nbs/92_bench.ipynb #eddc441a
+def _petpark(*args)->list: return [sys.executable, '-c', 'import sys; from petpark.cli import main; sys.exit(main())', *map(str, args)]
+
+def scale_ingest(lake, p:IngestParams, workers=(1, 2), out_dir=None)->list:
+    "Ingest photos/s of `lake` at each number of `workers` (one core each); the last run's manifest goes to `out_dir`"
+    rows = []
+    for w in workers:
+        with on_cores(w): r = _bench_run(lake, w, p, out=out_dir if w == workers[-1] else None)
+        rows.append(dict(workload='ingest', workers=w, unit='photos/s', work=r['images'], seconds=r['seconds'], throughput=r['images_per_s']))
+    return rows
+
+def scale_train(manifest, data_dir, P:Params, workers=(1, 2), train_photos:int=256, work_dir=None)->list:
+    "Training photos/s of the train stage's fit on `train_photos` photos as `workers` torchrun ranks (one core each)"
+    from petpark.train import run_ranks
+    P, rows = override(P, {'train.search.lrs': [], 'train.max_train': train_photos}), []
+    epochs = P.train.freeze_epochs + P.train.epochs
+    with tempfile.TemporaryDirectory(dir=work_dir) as d:
+        wandb_dir = os.environ.get('WANDB_DIR'); os.environ['WANDB_DIR'] = d  # the benchmark's runs stay out of the project's W&B records
+        try:
+            for w in workers:
+                o = Path(d)/f'train{w}'
+                with on_cores(w): m = run_ranks(w, P, manifest=manifest, data_dir=data_dir, model_dir=o/'models', out_dir=o, metrics=o/'train.json')
+                n = m['n_train']*epochs
+                rows.append(dict(workload='train', workers=w, unit='photos/s', work=n, seconds=m['seconds'], throughput=round(n/m['seconds'], 2)))
+        finally:
+            if wandb_dir is None: os.environ.pop('WANDB_DIR', None)
+            else: os.environ['WANDB_DIR'] = wandb_dir
+    return rows
+
+def scale_serve(package_dir, bodies:list, workers=(1, 2), requests:int=400, concurrency:int=8, work_dir=None)->list:
+    "Serving req/s of `petpark serve --workers` (one core each) on the packaged model, closed loop at `concurrency`"
+    from petpark.preprod import load_test
+    from petpark.testing import Served
+    rows = []
+    with tempfile.TemporaryDirectory(dir=work_dir) as d:
+        for w in workers:
+            cmd = _petpark('serve', '--model-dir', Path(package_dir).resolve(), '--workers', w, '--port', '{port}', '--db-url', f'sqlite:///{d}/log{w}.sqlite')
+            with on_cores(w): s = Served(cmd, timeout=600)  # the server and its workers on their cores; the client below is not
+            with s:
+                load_test(s.url, bodies, 4*concurrency, concurrency)  # warm-up: every worker has its model loaded
+                r = load_test(s.url, bodies, requests, concurrency)
+            if r['failed']: raise PetparkError(f'{r["failed"]} of {requests} requests to {w} serving workers failed ({r["errors"]}): the figure would be wrong')
+            rows.append(dict(workload='serve', workers=w, unit='req/s', work=r['ok'], seconds=r['wall_s'], throughput=r['req_per_s']))
+    return rows
+
+# %% ../nbs/92_bench.ipynb #c2f8d69b
+def scale_table(rows:list)->pd.DataFrame:
+    "Benchmark `rows` (workload, workers, throughput, ...) with speed-up over the workload's first row, efficiency and Karp-Flatt serial fraction"
+    df = pd.DataFrame(rows)
+    df['speedup'] = (df.throughput/df.groupby('workload', sort=False).throughput.transform('first')).round(2)
+    df['efficiency'] = (df.speedup/df.workers).round(2)
+    df['serial_fraction'] = [round(karp_flatt(s, p), 3) if p > 1 else None for s, p in zip(df.speedup, df.workers)]
+    return df
+
+# %% ../nbs/92_bench.ipynb #3cfbce81
+def scale_projection(table:pd.DataFrame, today:dict, factor:float=100)->pd.DataFrame:
+    "For `factor` x `today`'s throughput per workload: the speed-up over one worker it needs, the cores one machine needs by Amdahl's law with the measured serial fraction (None past its limit 1/e), and shards like this machine"
+    rows = []
+    for wl, g in table.groupby('workload', sort=False):
+        one, top = g.iloc[0], g.iloc[-1]
+        e, need = top.serial_fraction, factor*today[wl]
+        s = need/one.throughput
+        if e is None or pd.isna(e) or e <= 0: cores, limit = int(np.ceil(s)), None  # no serial part measured: linear
+        else: cores, limit = (int(np.ceil((1 - e)/(1/s - e))) if s < 1/min(e, 1) else None), round(1/min(e, 1), 1)  # e >= 1: slower with more workers
+        rows.append(dict(workload=wl, unit=one.unit, today=round(today[wl], 1), needed=round(need, 1), speedup_needed=round(s, 1),
+                         serial_fraction=e, amdahl_limit=limit, cores_one_machine=cores,
+                         machines_like_this=int(np.ceil(need/top.throughput)), cores_per_machine=int(top.workers)))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/92_bench.ipynb #b46fd2d9
+def bench_scale(lake, package_dir, bodies:list, P:Params, out, workers=(1, 2), train_photos:int=256, requests:int=400,
+                concurrency:int=8, today_rps:float=10.0, factor:float=100, work_dir=None)->dict:
+    "Ingest, train and serve at each of `workers` (one core each) in one run; the table, the projection and `out`.md/.json"
+    workers = scale_workers(workers)
+    with tempfile.TemporaryDirectory(dir=work_dir) as d:
+        rows = scale_ingest(lake, P.ingest, workers, Path(d)/'ingest')
+        rows += scale_train(Path(d)/'ingest/manifest.csv', lake, P, workers, train_photos, d)
+        rows += scale_serve(package_dir, bodies, workers, requests, concurrency, d)
+    table = scale_table(rows)
+    top = table.groupby('workload', sort=False).throughput.last()
+    proj = scale_projection(table, dict(ingest=top['ingest'], train=top['train'], serve=today_rps), factor)
+    write_scale_report(out, table, proj, dict(train_photos=train_photos, requests=requests, concurrency=concurrency, today_rps=today_rps, factor=factor))
+    return dict(table=table, projection=proj)
+
+def scale_words(table:pd.DataFrame)->str:
+    "A sentence per workload: its speed-up, efficiency and serial fraction at the most workers"
+    out = []
+    for wl, g in table.groupby('workload', sort=False):
+        one, top = g.iloc[0], g.iloc[-1]
+        slower = ' More workers made it slower: their overhead outweighed the work they shared.' if top.speedup < 1 else ''
+        out.append(f"- **{wl}**: {one.throughput:g} {one.unit} on 1 worker, {top.throughput:g} on {top.workers}: speed-up {top.speedup:g}x, "
+                   f"efficiency {top.efficiency:.0%}, serial fraction {top.serial_fraction:.2f}.{slower}")
+    return '\n'.join(out)
+
+def write_scale_report(out, table:pd.DataFrame, proj:pd.DataFrame, how:dict)->Path:
+    "`bench_scale`'s table and projection as `out`.md and `out`.json"
+    out, peak = proj_path(out), cpu_peak()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix('.json').write_text(json.dumps(dict(peak=peak, how=how, table=table.to_dict('records'), projection=proj.to_dict('records')), indent=2, default=float))
+    md = (f"# Scaling: ingest, training and serving at 1 and {table.workers.max()} workers\n\n"
+          f"{peak['model']}, {peak['cores']} cores. Each worker has a core of its own (CPU affinity, one OpenMP thread a process). "
+          f"Train: {how['train_photos']} photos of the train split, the params' schedule, no learning-rate search. Serve: the packaged "
+          f"model, {how['requests']} requests {how['concurrency']} at a time after a warm-up, the load generator on the same cores.\n\n"
+          f"{scale_words(table)}\n\n{_md_table(table)}\n"
+          f"## Projection: {how['factor']:g} times today's load (a model, not a measurement)\n\n"
+          f"Today: the lake and the train split in the time this machine takes at {table.workers.max()} workers, and "
+          f"{how['today_rps']:g} requests a second served (`--today-rps`; the default 10 assumes one park of ten cameras sending a photo a "
+          f"second each). Amdahl's law with the serial fraction measured above: `cores_one_machine` are the cores one machine needs "
+          f"(empty: none suffice, the speed-up needed is past the limit 1/e); `machines_like_this` are shards, each a machine like "
+          f"this one at its measured throughput, the way past that limit.\n\n{_md_table(proj)}")
+    out.with_suffix('.md').write_text(md)
+    return out.with_suffix('.md')

@@ -356,19 +356,23 @@ def lineage(request_id:str, # the request_id of a /predict answer (it is in the 
 
 # %% ../nbs/90_cli.ipynb #8438df3f
 @call_parse
-def bench(what:str, # what to benchmark: `ingest`, `latency`, `evaluate`, `serve`, `monitor` or `dashboard`
+def bench(what:str, # what to benchmark: `ingest`, `latency`, `evaluate`, `serve`, `monitor`, `dashboard` or `scale`
           big:int=100_000, # ingest: size of the synthetic lake
           photos:int=100, # latency, evaluate, serve: test photos; monitor: unseen photos per class in the pool (e.g. 800)
           windows:int=20, # monitor: random windows per window size and shift
           rows:int=100_000, # dashboard: logged predictions in the demo site's inference log
           images:str=None, # latency, evaluate, serve: a labelled folder of photos to use (default: the lake snapshot's test split)
           levels:str='1,4,16', # serve: concurrency levels of the closed-loop test
-          requests:int=200, # serve: requests per variant and level
+          requests:int=200, # serve: requests per variant and level; scale: per number of serving workers
           rates:str='10,25,50,75,100,150', # serve: offered req/s of the open-loop test (the capacity curve)
           seconds:float=10, # serve: seconds per offered rate
           engine_seconds:float=5, # serve: seconds of each in-process engine measurement
           package_dir:str='artifacts/package', # latency, serve: the packaged ONNX files
           model_dir:str='models', # latency, serve: the PyTorch model (the eager baseline)
+          workers:str='1,2', # scale: numbers of workers (one core each), starting with 1
+          train_photos:int=256, # scale: train-split photos each training run fits
+          concurrency:int=8, # scale: requests at a time to the servers
+          today_rps:float=10, # scale: requests a second the site serves today (the projection's base; 10 is an assumption)
           out:str=None): # report path, written as .json and .md (default: reports/bench_<what>)
     "Measure speed and memory against a baseline in the same run; results go to `reports/`"
     out = proj_path(out or f'reports/bench_{what}')
@@ -413,7 +417,12 @@ def bench(what:str, # what to benchmark: `ingest`, `latency`, `evaluate`, `serve
     elif what == 'dashboard':
         from petpark.dashboard import bench_dashboard
         bench_dashboard(rows, out=out)
-    else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency, evaluate, serve, monitor or dashboard")
+    elif what == 'scale':
+        from petpark.bench import bench_scale, scale_workers
+        ws = scale_workers(workers)  # checked before the lake and the photos are read
+        bench_scale(lake_path(), proj_path(package_dir), [p.read_bytes() for p in test_paths()], load_params(), out, ws, train_photos,
+                          requests, concurrency, today_rps, work_dir=site_path(get_settings().cache_dir))
+    else: raise PetparkError(f"unknown benchmark {what!r}: choose ingest, latency, evaluate, serve, monitor, dashboard or scale")
     print(out.with_suffix('.md').read_text())
 
 # %% ../nbs/90_cli.ipynb #6ed5165f

@@ -84,8 +84,8 @@ def _broadcast(self, t, rank):
 DistributedDL._broadcast = _broadcast
 
 def distributed(learn):
-    "fastai's `distrib_ctx` for `learn` under torchrun (the model in DDP, each rank a share of every batch); a no-op otherwise"
-    if not num_distrib(): return nullcontext(learn)
+    "fastai's `distrib_ctx` for `learn` under torchrun with 2+ ranks (the model in DDP, each rank a share of every batch); a no-op otherwise"
+    if num_distrib() < 2: return nullcontext(learn)  # one rank has nothing to share, and fastai's wrapper leaves its loaders unpicklable
     gpu = torch.cuda.is_available()
     return learn.distrib_ctx(sync_bn=False, cpu=not gpu)  # without `cpu=True` accelerate leaves a CPU model unwrapped
 

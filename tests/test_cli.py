@@ -32,3 +32,9 @@ def test_usage_and_help(env):
 def test_unknown_benchmark(env):
     r = petpark('bench', 'nothing', env=env)
     assert r.returncode == 2 and 'choose ingest' in r.stderr
+
+
+def test_bench_scale_with_bad_workers_is_one_clear_line(env):
+    for bad, words in [('2', 'from 1 (the baseline)'), ('1,two', 'separated by commas'), ('1,999', "this machine's cores")]:
+        r = petpark('bench', 'scale', '--workers', bad, env=env)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr and words in r.stderr, r.stderr

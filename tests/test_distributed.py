@@ -49,3 +49,22 @@ def test_a_bad_number_of_processes_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(PetparkError, match='train.bs = 8 does not split over train_procs = 3'): run_ranks(3, tiny_params(), **paths)
     monkeypatch.setenv('PETPARK_TRAIN_PROCS', '0')
     with pytest.raises(PetparkError, match='train_procs .or PETPARK_TRAIN_PROCS. is 0: use 1'): train_stage(tiny_params(), **paths)
+
+
+def test_bench_scale_measures_ingest_training_and_serving_at_one_and_two_workers(tmp_path, monkeypatch):
+    "`petpark bench scale`'s run at tiny size: the test lake, the tiny params (one rank through torchrun too), a lesson package"
+    from petpark.bench import bench_scale
+    from petpark.testing import lesson_package
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    pk = lesson_package(tmp_path, 'pkg', True, int8=True)[0].parent
+    bodies = [(TEST_LAKE/f'{c}/{i}.jpg').read_bytes() for c in ('Cat', 'Dog') for i in (1, 2)]
+    res = bench_scale(TEST_LAKE, pk, bodies, tiny_params(), tmp_path/'bench_scale', train_photos=16, requests=24, concurrency=4, today_rps=5)
+    t = res['table']
+    assert list(zip(t.workload, t.workers)) == [(w, n) for w in ('ingest', 'train', 'serve') for n in (1, 2)]
+    assert (t.throughput > 0).all() and t.speedup[t.workers == 1].eq(1).all() and t.serial_fraction[t.workers == 1].isna().all()
+    tr = t.work[t.workload == 'train']
+    assert tr.nunique() == 1 and tr.iloc[0] > 0  # the same photos x epochs on 1 rank and on 2
+    p = res['projection']
+    assert p.workload.tolist() == ['ingest', 'train', 'serve'] and p.needed.tolist()[-1] == 500 and (p.machines_like_this >= 1).all()
+    md = (tmp_path/'bench_scale.md').read_text()
+    assert 'serial fraction' in md and 'a model, not a measurement' in md and json.loads((tmp_path/'bench_scale.json').read_text())['table']
