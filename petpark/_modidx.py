@@ -412,6 +412,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'petpark.runtime.LoadedModel.info': ('runtime.html#loadedmodel.info', 'petpark/runtime.py'),
                                  'petpark.runtime.LoadedModel.predict': ('runtime.html#loadedmodel.predict', 'petpark/runtime.py'),
                                  'petpark.runtime.LoadedModel.run': ('runtime.html#loadedmodel.run', 'petpark/runtime.py'),
+                                 'petpark.runtime.blend_mirror': ('runtime.html#blend_mirror', 'petpark/runtime.py'),
                                  'petpark.runtime.check_photo': ('runtime.html#check_photo', 'petpark/runtime.py'),
                                  'petpark.runtime.decode_photo': ('runtime.html#decode_photo', 'petpark/runtime.py'),
                                  'petpark.runtime.load_dir': ('runtime.html#load_dir', 'petpark/runtime.py'),

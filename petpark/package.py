@@ -14,7 +14,7 @@ from .core import *
 from .judge import check_gate, review_words
 from .model import load_served
 from .registry import Registry, file_hashes
-from .runtime import Contract, LoadedModel, load_inputs, onnx_session, onnx_predict, threshold_labels, unsure
+from .runtime import Contract, LoadedModel, blend_mirror, load_inputs, onnx_session, threshold_labels, unsure
 from .monitor import build_reference, save_reference
 
 # %% ../nbs/06_package.ipynb #02430577
@@ -91,16 +91,17 @@ def mirror_probs(sessions:dict, paths:list, img_size:int, bs:int=16)->dict:
 def with_mirror(plain:np.ndarray, mirror:np.ndarray, c:Contract, margin:float)->tuple:
     "(probabilities, share mirrored): what `petpark.runtime.mirror_unsure` answers with `margin`, from both runs made once"
     u = unsure(plain, c.classes.index(c.positive), c.threshold, margin)
-    return np.where(u[:, None], (plain + mirror)/2, plain), float(u.mean())
+    return blend_mirror(plain, u, mirror[u]), float(u.mean())
 
 def mirror_accuracy(plain, mirror, labels:list, c:Contract, margin:float)->dict:
-    "Accuracy under contract `c` with the mirror where the model is within `margin` of the threshold, and the share mirrored"
+    "Accuracy under contract `c` with the mirror where the model is within `margin` of the threshold, the share mirrored, the predicted labels"
     p, share = with_mirror(plain, mirror, c, margin)
-    return dict(accuracy=float((threshold_labels(p, c.classes, c.positive, c.threshold) == np.array(labels)).mean()), mirrored=share)
+    pred = threshold_labels(p, c.classes, c.positive, c.threshold)
+    return dict(accuracy=float((pred == np.array(labels)).mean()), mirrored=share, labels=pred)
 
 def choose_mirror(plain, mirror, labels:list, c:Contract, margins:list)->tuple:
-    "(margin, table): the margin among `margins` (and 0) with the best accuracy, the smallest on a tie; the table of all"
-    t = pd.DataFrame([dict(margin=m, **mirror_accuracy(plain, mirror, labels, c, m)) for m in sorted({0, *margins})])
+    "(margin, table): the margin among `margins`, 0 (never) and 1 (always) with the best accuracy, the smallest on a tie; the table of all"
+    t = pd.DataFrame([dict(margin=m, **mirror_accuracy(plain, mirror, labels, c, m)) for m in sorted({0, 1, *margins})]).drop(columns='labels')
     return float(t.margin[t.accuracy == t.accuracy.max()].min()), t
 
 def choose_variant(acc:dict, serve:str, max_int8_drop:float)->tuple:
@@ -231,16 +232,15 @@ def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', 
     acc = {k: v['accuracy'] for k, v in scores.items()}
     served_name, why = choose_variant(acc, pk.serve, pk.max_int8_drop)
     (out/'serving.json').write_text(json.dumps(serving_meta(meta, P, ev['threshold'], served_name, ev['gate'], files, margin), indent=2))
-    lab = {k: threshold_labels(with_mirror(*pm[k], c, margin)[0], c.classes, c.positive, c.threshold) for k in sessions}
     mirror = dict(margin=margin, validation_accuracy=float(vt.accuracy[vt.margin == margin].iloc[0]), validation_never=float(vt.accuracy.iloc[0]),
-                  validation_always=float(mirror_accuracy(*vm, list(valid.label), c, 1)['accuracy']),
+                  validation_always=float(vt.accuracy[vt.margin == 1].iloc[0]),
                   test_never=mirror_accuracy(*pm['fp32'], labels, c, 0)['accuracy'], test_always=mirror_accuracy(*pm['fp32'], labels, c, 1)['accuracy'],
                   test_mirrored=scores[served_name]['mirrored'])
     ref_rows = man[man.status == 'train'].sample(n=min(pk.reference_images, int((man.status == 'train').sum())), random_state=seed + 1)
     ref = build_reference(LoadedModel({'serving.json': out/'serving.json', fp32.name: fp32, int8.name: int8}), [data_root/p for p in ref_rows.path], valid)
     save_reference(ref, out/'reference.npz')
     res = dict(parity=par, accuracy=acc, pytorch_accuracy=ev['accuracy'], int8_drop=round(acc['fp32'] - acc['int8'], 6),
-               int8_label_agreement=float((lab['int8'] == lab['fp32']).mean()), mirror=mirror, served=served_name, served_reason=why, reference_photos=len(ref_rows), files=file_hashes([fp32, int8, out/'serving.json']))
+               int8_label_agreement=float((scores['int8']['labels'] == scores['fp32']['labels']).mean()), mirror=mirror, served=served_name, served_reason=why, reference_photos=len(ref_rows), files=file_hashes([fp32, int8, out/'serving.json']))
     card = model_card(meta, ev, res, ex, P)
     card.save(out/'model_card.md')
     reg = Registry()

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['FIX', 'Contract', 'decode_photo', 'BadInput', 'check_photo', 'onnx_session', 'load_inputs', 'predict_paths',
-           'onnx_predict', 'threshold_labels', 'unsure', 'mirror_unsure', 'LoadedModel', 'load_registered', 'load_dir']
+           'onnx_predict', 'threshold_labels', 'unsure', 'blend_mirror', 'mirror_unsure', 'LoadedModel',
+           'load_registered', 'load_dir']
 
 # %% ../nbs/71_runtime.ipynb #18239f02
 import io, json, warnings
@@ -107,13 +108,17 @@ def unsure(probs:np.ndarray, pos:int, threshold:float, margin:float)->np.ndarray
     "Which rows of `probs` have their `pos` class probability within `margin` of `threshold`"
     return np.abs(probs[:, pos] - threshold) < margin
 
+def blend_mirror(probs:np.ndarray, u:np.ndarray, mirrored:np.ndarray)->np.ndarray:
+    "`probs` with its rows `u` averaged with `mirrored`, the mirror images' probabilities of those rows (the one rule, served and scored)"
+    out = probs.copy()
+    out[u] = (probs[u] + mirrored)/2
+    return out
+
 def mirror_unsure(graph, photos:np.ndarray, pos:int, threshold:float, margin:float)->tuple:
     "`graph`'s (probabilities, embeddings) of a uint8 NHWC batch, averaged with the mirror image's for the `unsure` photos"
     probs, emb = graph(photos)
     u = unsure(probs, pos, threshold, margin)
-    if u.any():
-        probs = probs.copy()
-        probs[u] = (probs[u] + graph(np.ascontiguousarray(photos[u][:, :, ::-1]))[0])/2
+    if u.any(): probs = blend_mirror(probs, u, graph(np.ascontiguousarray(photos[u][:, :, ::-1]))[0])
     return probs, emb
 
 # %% ../nbs/71_runtime.ipynb #1604b288
