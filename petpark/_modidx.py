@@ -338,6 +338,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'petpark.package.choose_mirror': ('package.html#choose_mirror', 'petpark/package.py'),
                                  'petpark.package.choose_variant': ('package.html#choose_variant', 'petpark/package.py'),
                                  'petpark.package.export_onnx': ('package.html#export_onnx', 'petpark/package.py'),
+                                 'petpark.package.float_convs': ('package.html#float_convs', 'petpark/package.py'),
                                  'petpark.package.mirror_accuracy': ('package.html#mirror_accuracy', 'petpark/package.py'),
                                  'petpark.package.mirror_probs': ('package.html#mirror_probs', 'petpark/package.py'),
                                  'petpark.package.model_card': ('package.html#model_card', 'petpark/package.py'),

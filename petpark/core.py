@@ -147,7 +147,7 @@ class ExplainParams: right_per_class:int; wrong_per_class:int; max_evals:int; ba
 @dataclass(frozen=True)
 class PackageParams:
     opset:int; parity_images:int; parity_atol:float; calib_images:int; serve:str; max_int8_drop:float; reference_images:int; mirror_margins:list
-    int8_reduce_range:bool
+    int8_reduce_range:bool; int8_float_convs:list
 
 @dataclass(frozen=True)
 class PreprodParams:
