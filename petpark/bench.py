@@ -588,6 +588,7 @@ def _petpark(*args)->list: return [sys.executable, '-c', 'import sys; from petpa
 
 def scale_ingest(lake, p:IngestParams, workers=(1, 2), out_dir=None)->list:
     "Ingest photos/s of `lake` at each number of `workers` (one core each); the last run's manifest goes to `out_dir`"
+    _bench_run(lake, workers[-1], p)  # untimed: the OS's file cache as warm for the first timed run as for the others
     rows = []
     for w in workers:
         with on_cores(w): r = _bench_run(lake, w, p, out=out_dir if w == workers[-1] else None)
@@ -650,7 +651,7 @@ def scale_projection(table:pd.DataFrame, today:dict, factor:float=100)->pd.DataF
         rows.append(dict(workload=wl, unit=one.unit, today=round(today[wl], 1), needed=round(need, 1), speedup_needed=round(s, 1),
                          serial_fraction=e, amdahl_limit=limit, cores_one_machine=cores,
                          machines_like_this=int(np.ceil(need/top.throughput)), cores_per_machine=int(top.workers)))
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({'cores_one_machine': 'Int64'})  # whole cores, or none
 
 # %% ../nbs/92_bench.ipynb #b46fd2d9
 def bench_scale(lake, package_dir, bodies:list, P:Params, out, workers=(1, 2), train_photos:int=256, requests:int=400,
