@@ -34,6 +34,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'petpark.bench.on_cores': ('bench.html#on_cores', 'petpark/bench.py'),
                                'petpark.bench.onnx_macs': ('bench.html#onnx_macs', 'petpark/bench.py'),
                                'petpark.bench.open_loop': ('bench.html#open_loop', 'petpark/bench.py'),
+                               'petpark.bench.package_accuracy': ('bench.html#package_accuracy', 'petpark/bench.py'),
                                'petpark.bench.rot90': ('bench.html#rot90', 'petpark/bench.py'),
                                'petpark.bench.scale_ingest': ('bench.html#scale_ingest', 'petpark/bench.py'),
                                'petpark.bench.scale_projection': ('bench.html#scale_projection', 'petpark/bench.py'),

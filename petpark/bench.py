@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench', 'synth_lake', 'bench_ingest', 'bench_table',
            'bench_latency', 'bench_evaluate', 'EagerModel', 'bench_model', 'bench_server', 'open_loop', 'engine_rate',
-           'onnx_macs', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'write_serve_bench', 'night',
-           'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor', 'synth_log', 'time_monitor',
-           'monitor_verdict', 'bench_monitor_report', 'experiment_table', 'experiments_markdown', 'on_cores',
-           'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train', 'scale_serve', 'scale_table',
-           'scale_projection', 'bench_scale', 'scale_words', 'write_scale_report']
+           'onnx_macs', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
+           'write_serve_bench', 'night', 'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor',
+           'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report', 'experiment_table',
+           'experiments_markdown', 'on_cores', 'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train',
+           'scale_serve', 'scale_table', 'scale_projection', 'bench_scale', 'scale_words', 'write_scale_report']
 
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, re, subprocess, sys, tempfile, time, zlib
@@ -308,6 +308,18 @@ def serve_verdict(res:dict, summary:pd.DataFrame, peak:dict, aims:dict=SERVE_AIM
     return (f"Aims: ≥ {aims['sustained_rps']} req/s sustained with p99 ≤ {aims['p99_ms']} ms and no errors, p99 ≤ {aims['rate_50_p99_ms']} ms "
             f"at 50 req/s.\n\n" + '\n'.join(lines))
 
+def package_accuracy(package_dir, metrics='metrics/package.json')->str:
+    "The package stage's test accuracy of these very ONNX files (their hashes checked against `metrics`), in a sentence; '' if it is another package"
+    from petpark.registry import file_hashes
+    m, pk = proj_path(metrics), proj_path(package_dir)
+    if not m.exists(): return ''
+    a = json.loads(m.read_text())
+    names = [n for n in a.get('files', {}) if n.endswith('.onnx')]
+    if not names or file_hashes([pk/n for n in names if (pk/n).exists()]) != {n: a['files'][n] for n in names}: return ''
+    return (f"Accuracy on the test split (`{metrics}`, the package stage's, of these files): fp32 {a['accuracy']['fp32']:.2%}, "
+            f"int8 {a['accuracy']['int8']:.2%} ({-100*a['int8_drop']:+.2f} points), labels agree on {a['int8_label_agreement']:.2%} of photos; "
+            f"served: {a['served']}.\n\n")
+
 def write_serve_bench(res:dict, out, package_dir='artifacts/package', note:str='')->Path:
     "`bench_serve`'s tables as `out`.md (with the summary and the verdict), `out`.json and the open-loop curve as `out`.csv"
     out, peak = proj_path(out), cpu_peak()
@@ -319,7 +331,8 @@ def write_serve_bench(res:dict, out, package_dir='artifacts/package', note:str='
     cpu = (f"{peak['model']}, {peak['cores']} cores at {peak['mhz']:.0f} MHz, AVX-512 {'yes' if peak['avx512'] else 'no'}, "
            f"VNNI {'yes' if peak['vnni'] else 'no'}; fp32 peak assumed {peak['fp32_gflops']:g} GFLOP/s = cores x clock x 32 FLOP/cycle "
            f"(two 256-bit FMA pipes); int8 without VNNI runs on AVX2 multiply-adds at about twice that at best.")
-    md = (f"# Serving: `petpark serve` on 127.0.0.1, one photo a request\n\n{note}\n\n{cpu}\n\n## Verdict\n\n{serve_verdict(res, summary, peak)}\n\n"
+    md = (f"# Serving: `petpark serve` on 127.0.0.1, one photo a request\n\n{note}\n\n{cpu}\n\n{package_accuracy(package_dir)}"
+          f"## Verdict\n\n{serve_verdict(res, summary, peak)}\n\n"
           f"## Summary\n\n{_md_table(summary)}\n## Open loop: requests on a fixed schedule (capacity curve)\n\n"
           f"Latency counts from each request's scheduled time; `shed_503` are refusals with Retry-After (the server at "
           f"`serve_max_queue`); `errors` anything else not a 200. `client_cpu_pct`: the load generator's own CPU (% of one core).\n\n"
