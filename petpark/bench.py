@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench', 'synth_lake', 'bench_ingest', 'bench_table',
            'bench_latency', 'bench_evaluate', 'EagerModel', 'bench_model', 'bench_server', 'open_loop', 'engine_rate',
-           'onnx_macs', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
+           'onnx_macs', 'usable_cores', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
            'write_serve_bench', 'night', 'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor',
            'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report', 'experiment_table',
            'experiments_markdown', 'on_cores', 'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train',
@@ -239,12 +239,16 @@ def onnx_macs(path)->int:
         macs += int(np.prod(out))*int(np.prod(w[1:]) if n.op_type == 'Conv' else np.prod(w)//out[-1])  # out x (Cin/groups x kH x kW), or out x K
     return macs
 
+def usable_cores()->int:
+    "The cores this process may run on (its CPU affinity, where the OS has one)"
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
 def cpu_peak(cpuinfo='/proc/cpuinfo')->dict:
     "This CPU's fp32 peak: cores x clock x 32 FLOP/cycle (AVX2 FMA), and whether it has AVX-512 and VNNI"
     txt = Path(cpuinfo).read_text()
     flags = set(re.search(r'^flags\s*:(.*)$', txt, re.M).group(1).split())
     mhz = float(re.search(r'^cpu MHz\s*:\s*([\d.]+)', txt, re.M).group(1))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = usable_cores()
     return dict(model=re.search(r'^model name\s*:\s*(.*)$', txt, re.M).group(1).strip(), cores=cores, mhz=mhz, flop_per_cycle=32,
                 fp32_gflops=round(cores*mhz/1000*32, 1), avx512='avx512f' in flags, vnni=bool({'avx512_vnni', 'avx_vnni'} & flags))
 
@@ -256,7 +260,7 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
     from petpark.testing import Served
     closed, opened, engine, db = [], [], [], Path(tempfile.mkdtemp())
     threads = get_settings().serve_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = usable_cores()
     for v in variants:
         code = f"from petpark.bench import bench_server; bench_server({v!r}, {{port}}, {str(package_dir)!r}, {str(model_dir)!r}, 'sqlite:///{db}/{v}.sqlite')"
         with Served([sys.executable, '-c', code], timeout=600) as s:  # PyTorch takes minutes to import on a busy machine
@@ -587,7 +591,7 @@ def scale_workers(workers)->tuple:
     "`workers` (e.g. '1,2' or (1, 2)) checked: ascending, from 1, at most this process's cores; one clear error otherwise"
     try: ws = tuple(int(x) for x in (workers.split(',') if isinstance(workers, str) else workers))
     except ValueError: raise PetparkError(f'--workers {workers!r}: give numbers of workers separated by commas, e.g. 1,2') from None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    cores = usable_cores()
     if not ws or ws[0] != 1 or list(ws) != sorted(set(ws)) or ws[-1] > cores:
         raise PetparkError(f'--workers {",".join(map(str, ws))}: give ascending numbers from 1 (the baseline) to {cores}, this machine\'s cores: one core a worker')
     return ws
