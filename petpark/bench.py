@@ -14,6 +14,7 @@ __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench'
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, re, subprocess, sys, tempfile, time, zlib
 from contextlib import contextmanager
+from fastcore.xtras import modified_env
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -579,13 +580,10 @@ def on_cores(n:int):
     if not hasattr(os, 'sched_setaffinity'): raise PetparkError('bench scale pins workers to cores with Linux CPU affinity: run it on Linux')
     have = sorted(os.sched_getaffinity(0))
     if not 1 <= n <= len(have): raise PetparkError(f'{n} workers need {n} cores, one each, and this process may use {len(have)}: choose 1 to {len(have)}')
-    omp = os.environ.get('OMP_NUM_THREADS')
-    os.sched_setaffinity(0, have[:n]); os.environ['OMP_NUM_THREADS'] = '1'
-    try: yield have[:n]
-    finally:
-        os.sched_setaffinity(0, have)
-        if omp is None: os.environ.pop('OMP_NUM_THREADS', None)
-        else: os.environ['OMP_NUM_THREADS'] = omp
+    os.sched_setaffinity(0, have[:n])
+    try:
+        with modified_env(OMP_NUM_THREADS='1'): yield have[:n]
+    finally: os.sched_setaffinity(0, have)
 
 def scale_workers(workers)->tuple:
     "`workers` (e.g. '1,2' or (1, 2)) checked: ascending, from 1, at most this process's cores; one clear error otherwise"
@@ -618,16 +616,12 @@ def scale_train(manifest, data_dir, P:Params, workers=(1, 2), train_photos:int=2
     P, rows = override(P, {'train.search.lrs': [], 'train.max_train': train_photos}), []
     epochs = P.train.freeze_epochs + P.train.epochs
     with tempfile.TemporaryDirectory(dir=work_dir) as d:
-        wandb_dir = os.environ.get('WANDB_DIR'); os.environ['WANDB_DIR'] = d  # the benchmark's runs stay out of the project's W&B records
-        try:
+        with modified_env(WANDB_DIR=d):  # the benchmark's runs stay out of the project's W&B records
             for w in workers:
                 o = Path(d)/f'train{w}'
                 with on_cores(w): m = run_ranks(w, P, manifest=manifest, data_dir=data_dir, model_dir=o/'models', out_dir=o, metrics=o/'train.json')
                 n = m['n_train']*epochs
                 rows.append(dict(workload='train', workers=w, unit='photos/s', work=n, seconds=m['seconds'], throughput=round(n/m['seconds'], 2)))
-        finally:
-            if wandb_dir is None: os.environ.pop('WANDB_DIR', None)
-            else: os.environ['WANDB_DIR'] = wandb_dir
     return rows
 
 def scale_serve(package_dir, bodies:list, workers=(1, 2), requests:int=400, concurrency:int=8, work_dir=None)->list:

@@ -580,7 +580,8 @@ def bench_dashboard(rows:int=100_000, days:int=30, repeats:int=3, out='reports/b
     from playwright.sync_api import sync_playwright
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter(); env = demo_site(d, rows, days); build_s = time.perf_counter() - t0
-        res = dict(rows=rows, days=days, repeats=repeats, demo_site_s=round(build_s, 1), cores=os.cpu_count(), first_paint_s={})
+        from petpark.bench import cpu_peak
+        res = dict(rows=rows, days=days, repeats=repeats, demo_site_s=round(build_s, 1), cores=os.cpu_count(), cpu=cpu_peak()['model'], first_paint_s={})
         with Dashboard(env=env) as dash, sync_playwright() as pw:
             b = browser(pw)
             def visit(name, timeout_s):  # seconds to first paint, or None when Voila never finished sending the page
@@ -600,7 +601,7 @@ def bench_dashboard(rows:int=100_000, days:int=30, repeats:int=3, out='reports/b
     o = proj_path(out); o.parent.mkdir(parents=True, exist_ok=True)
     o.with_suffix('.json').write_text(json.dumps(res, indent=2))
     o.with_suffix('.md').write_text(f"# Dashboards: first paint\n\nHeadless Chromium, Voila with preheated kernels on 127.0.0.1, a demo site with "
-        f"{rows:,} logged predictions over {days} days, {res['cores']} cores; median of {repeats} fresh page loads (until every cell, widget and chart has drawn).\n\n"
+        f"{rows:,} logged predictions over {days} days, {res['cores']} cores of {res['cpu']}; median of {repeats} fresh page loads (until every cell, widget and chart has drawn).\n\n"
         "| dashboard | median (s) | slowest (s) | loads that never finished (60 s) | first visit after the server started (s) |\n|---|---|---|---|---|\n" +
         ''.join(f"| {k} | {v['median']} | {v['max']} | {v['hung']} of {repeats} | {res['first_visit_after_start_s'][k]} |\n" for k, v in res['first_paint_s'].items()))
     return res

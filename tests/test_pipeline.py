@@ -66,12 +66,13 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     assert not list((repo/'.dvc/tmp/exps').rglob('registry.json')), 'nothing is left in the temporary copy'
 
     # a changed lake is taken in only when asked: `petpark data` says so, and then the stages that use it are stale
+    data_v1 = yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5']  # the snapshot v1 was trained on
     shutil.copy(lake/'Cat/1.jpg', lake/'Cat/1_copy.jpg')
     assert 'ingest' not in sh('dvc status', repo, env), 'the pinned snapshot does not move by itself'
     assert 'changed: commit data.dvc' in sh('petpark data', repo, env)
     assert 'ingest' in sh('dvc status', repo, env)
 
-    # a reviewer decides two photos of the test split (the queue lists suspects); the next repro applies the decisions
+    # a reviewer decides two photos of the test split (the queue lists suspects); the next repro (retrain's, below) applies them
     assert 'photos to review' in sh('petpark review', repo, env)
     t = man[man.status == 'test']
     cat, dog = t[t.label == 'Cat'].path.iloc[0], t[t.label == 'Dog'].path.iloc[0]
@@ -79,18 +80,12 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     sh(f'petpark review {dog} --drop --why "a charity logo, no animal"', repo, env)
     r = subprocess.run('petpark review Cat/none.jpg --keep --why x', shell=True, cwd=repo, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and 'not a photo of the lake snapshot' in r.stderr + r.stdout
+    sh("git add -A && git commit -qm 'new lake photo, two reviews'", repo, env)
 
     # production's loop: a served prediction walks back to its commit and data; staff labels retrain to staging
-    sh("git add -A && git commit -qm 'new lake photo'", repo, env)
-    commit = sh('git rev-parse HEAD', repo, env).strip()
-    data_md5 = yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5']
-    sh('dvc repro', repo, env)  # v3, trained at this commit on this data, with the reviewed labels
-    m3 = pd.read_csv(repo/'artifacts/ingest/manifest.csv').set_index('path')
-    assert m3.loc[cat, ['label', 'lake_label', 'split']].tolist() == ['Dog', 'Cat', 'test'] and m3.loc[dog, 'reason'] == 'review_drop'
-    ev = json.loads((repo/'metrics/evaluate.json').read_text())
-    assert (ev['as_labelled']['n'], ev['as_labelled']['relabelled'], ev['as_labelled']['dropped']) == (ev['n'] + 1, 1, 1)
-    assert '1 relabelled and 1 dropped by review' in (repo/'reports/06_package_card.md').read_text()
-    sh('petpark registry promote v3 staging', repo, env)
+    # (v1 serves: it was trained at the first commit, on the snapshot before the new photo; one repro fewer than v3 of its own)
+    first = sh('git rev-list --max-parents=0 HEAD', repo, env).strip()
+    sh('petpark registry promote v1 staging', repo, env)
     env.update(PETPARK_STAFF_TOKEN='staff', PETPARK_DB_URL=f'sqlite:///{tmp_path}/log.sqlite', PETPARK_USER='po-paula',
                PETPARK_REGISTRY_DIR=str(repo/'registry'))  # the server runs from this checkout, not the copy's
     shots = [(p, c) for c in ['Cat', 'Dog'] for p in sorted((LAKE/c).glob('*.jpg'))[500:505]]  # never in this lake
@@ -99,25 +94,31 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
             rid = httpx.post(s.url + '/predict', files=[('files', (p.name, p.read_bytes(), 'image/jpeg'))]).json()['request_id']
             assert httpx.post(s.url + '/feedback', json=dict(request_id=rid, label=c), headers={'X-Staff-Token': 'staff'}).status_code == 200
     lin = json.loads(sh(f'petpark lineage {rid} --json', repo, env))
-    assert lin['model']['version'] == 'v3' and lin['model']['matches_registry']
-    assert lin['code']['commit'] == commit and lin['code']['code_differed'] is False, 'the commit it was trained at, with clean code'
-    assert lin['data']['data_dvc_md5'] == data_md5 and lin['data']['current'] and lin['params']['train']['img_size'] == 64
-    assert f'commit {commit[:12]}' in sh(f'petpark lineage {rid}', repo, env)
+    assert lin['model']['version'] == 'v1' and lin['model']['matches_registry']
+    assert lin['code']['commit'] == first and lin['code']['code_differed'] is False, 'the commit it was trained at, with clean code'
+    assert lin['data']['data_dvc_md5'] == data_v1 and not lin['data']['current'] and lin['params']['train']['img_size'] == 64
+    assert f'commit {first[:12]}' in sh(f'petpark lineage {rid}', repo, env) and 'data.dvc has moved on' in sh(f'petpark lineage {rid}', repo, env)
 
     wrong = sqlite3.connect(tmp_path/'log.sqlite').execute('SELECT COUNT(*) FROM predictions WHERE feedback != label').fetchone()[0]
     r = subprocess.run('petpark retrain', shell=True, cwd=repo, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert 'v4 is in staging' in r.stdout and 'next:' in r.stdout
+    assert 'v3 is in staging' in r.stdout and 'next:' in r.stdout
+    # v3 is trained on the reviewed labels: the relabelled photo keeps its split, the dropped one is out, and both are reported
+    m3 = pd.read_csv(repo/'artifacts/ingest/manifest.csv').set_index('path')
+    assert m3.loc[cat, ['label', 'lake_label', 'split']].tolist() == ['Dog', 'Cat', 'test'] and m3.loc[dog, 'reason'] == 'review_drop'
+    ev = json.loads((repo/'metrics/evaluate.json').read_text())
+    assert (ev['as_labelled']['n'], ev['as_labelled']['relabelled'], ev['as_labelled']['dropped']) == (ev['n'] + 1, 1, 1)
+    assert '1 relabelled and 1 dropped by review' in (repo/'reports/06_package_card.md').read_text()
     batch = sorted(lake.glob('*/feedback-*/*.jpg'))
     assert len(batch) == len(shots) - wrong, 'labels that contradict the model are held, not trained on'
     held = sh('petpark retrain --held', repo, env).strip().splitlines()
     assert len(held) - 1 == wrong if wrong else held == ['no labels are held for review']
-    assert yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5'] != data_md5, 'the new lake version is pinned'
+    assert yaml.safe_load((repo/'data.dvc').read_text())['outs'][0]['md5'] != data_v1, 'the new lake version is pinned'
     man = pd.read_csv(repo/'artifacts/ingest/manifest.csv')
     assert set(b.relative_to(lake).as_posix() for b in batch) <= set(man.path)
     state = json.loads((repo/'registry/petpark-classifier/registry.json').read_text())
-    assert state['stages']['staging'][-1] == 'v4' and 'v4' not in state['stages']['prod'] and state['preprod']['v4']
-    p = subprocess.run('petpark registry promote v4 prod', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    assert state['stages']['staging'][-1] == 'v3' and 'v3' not in state['stages']['prod'] and state['preprod']['v3']
+    p = subprocess.run('petpark registry promote v3 prod', shell=True, cwd=repo, env=env, capture_output=True, text=True)
     assert p.returncode == 2 and 'no QA approval' in p.stderr, 'never straight to prod'
     acts = [a['action'] for a in map(json.loads, (repo/'registry/petpark-classifier/audit.jsonl').read_text().splitlines()) if a['user'] == 'po-paula']
     assert [a for a in acts if a.startswith('retrain')] == ['retrain-start', 'retrain-batch', 'retrain-data', 'retrain-repro', 'retrain-done']
