@@ -50,6 +50,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'petpark.bench.synth_log': ('bench.html#synth_log', 'petpark/bench.py'),
                                'petpark.bench.time_monitor': ('bench.html#time_monitor', 'petpark/bench.py'),
                                'petpark.bench.usable_cores': ('bench.html#usable_cores', 'petpark/bench.py'),
+                               'petpark.bench.with_earlier': ('bench.html#with_earlier', 'petpark/bench.py'),
                                'petpark.bench.write_bench': ('bench.html#write_bench', 'petpark/bench.py'),
                                'petpark.bench.write_scale_report': ('bench.html#write_scale_report', 'petpark/bench.py'),
                                'petpark.bench.write_serve_bench': ('bench.html#write_serve_bench', 'petpark/bench.py')},

@@ -7,7 +7,7 @@ __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench'
            'bench_latency', 'bench_evaluate', 'EagerModel', 'bench_model', 'bench_server', 'open_loop', 'engine_rate',
            'onnx_macs', 'usable_cores', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
            'write_serve_bench', 'night', 'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor',
-           'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report', 'experiment_table',
+           'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report', 'experiment_table', 'with_earlier',
            'experiments_markdown', 'on_cores', 'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train',
            'scale_serve', 'scale_table', 'scale_projection', 'bench_scale', 'scale_words', 'write_scale_report']
 
@@ -564,6 +564,13 @@ def experiment_table(exp_show:list)->pd.DataFrame:
             for r in e.get('revs') or []: add(r.get('name') or e.get('name') or r['rev'][:7], r['rev'], r.get('data'))
     df = pd.DataFrame(rows)
     return df.drop_duplicates(subset=[c for c in df if c not in ('experiment', 'rev')], keep='last') if len(df) else df  # the workspace as its commit
+
+def with_earlier(df:pd.DataFrame, earlier:pd.DataFrame=None)->pd.DataFrame:
+    "`df` (`experiment_table`) after the rows of an `earlier` table that it lacks: experiments live in the clone that ran them (`refs/exps`), so a new clone's `dvc exp show` no longer lists them"
+    if earlier is None or not len(earlier): return df
+    if not len(df): return earlier
+    out = pd.concat([earlier[~earlier.rev.astype(str).isin(df.rev.astype(str))], df], ignore_index=True)
+    return out.drop_duplicates(subset=[c for c in out if c not in ('experiment', 'rev')], keep='last').reset_index(drop=True)
 
 def experiments_markdown(df:pd.DataFrame)->str:
     "`experiment_table` as a Markdown table, accuracy and its interval in percent"

@@ -144,14 +144,18 @@ def package(no_dvc:store_true=False): # call the stage function directly, outsid
 def experiments(commits:int=1, # list the experiments of this many commits back from HEAD (`dvc exp show -n`)
                 out:str='reports/experiments.md'): # the table as Markdown, with a CSV beside it
     "The recipes tried with `dvc exp run`, each with its train minutes and test accuracy with the 95% interval"
-    from petpark.bench import experiment_table, experiments_markdown
-    df = experiment_table(json.loads(_dvc('exp', 'show', '--json', '-n', commits)))
+    import pandas as pd
+    from petpark.bench import experiment_table, experiments_markdown, with_earlier
+    out = proj_path(out); csv = out.with_suffix('.csv')
+    earlier = pd.read_csv(csv, dtype={'rev': str}) if csv.exists() else None  # rows of experiments run in other clones stay
+    df = with_earlier(experiment_table(json.loads(_dvc('exp', 'show', '--json', '-n', commits))), earlier)
     if df.empty: raise PetparkError('no commit or experiment with test metrics: run `dvc exp run --queue -S train.…` and `dvc queue start` first')
-    out = proj_path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix('.csv'), index=False)
     out.write_text('# Recipes compared (`petpark experiments`, from `dvc exp show`)\n\nTest split accuracy at the packaged decision '
                    'rule, with its 95% Wilson interval; `train_min`: the train stage on 2 CPU cores, as measured (longer where other '
-                   'jobs shared the cores).\n\n' + experiments_markdown(df))
+                   'jobs shared the cores). Rows of an earlier table that this clone\'s `dvc exp show` no longer lists are kept: they '
+                   'were measured in another clone, maybe on another machine.\n\n' + experiments_markdown(df))
     print(df.to_string(index=False)); print(f'written: {out}')
 
 # %% ../nbs/90_cli.ipynb #09f8ad5d

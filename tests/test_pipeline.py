@@ -60,6 +60,8 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     sh('dvc exp run --temp -n lr-001 -S train.search.lrs=[] -S train.lr=0.001', repo, env)
     table = sh('dvc exp show --csv', repo, env)
     assert 'lr-001' in table and 'accuracy' in table
+    sh('petpark experiments', repo, env)  # the recipes table: this clone's experiments, and the rows the project's table had
+    assert {'lr-001', 'ls-180px-2ep'} <= set(pd.read_csv(repo/'reports/experiments.csv').experiment)
     assert len(runs() - before) == 1, 'the experiment final fit is recorded here once'
     reg = json.loads((repo/'registry/petpark-classifier/registry.json').read_text())
     assert list(reg['versions']) == ['v1', 'v2'], 'the experiment model is registered here, once'
