@@ -95,6 +95,7 @@ def test_alerts_reach_the_webhook_once_and_clear(site):
     env = dict(env, PETPARK_ALERT_WEBHOOK=f'http://127.0.0.1:{hook.server_port}/alerts')
     photos = lake_photos('Cat', 300, 50) + lake_photos('Dog', 300, 50)  # params.yaml's monitor.min_photos: 100
     fmt = lambda t: time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))
+    time.sleep(2.1)  # the window below is given to the second and widened by one: what the tests before logged must fall before it
     since, until = send(s.url, [night(p) for p in photos])
     run = lambda *a: subprocess.run(['petpark', 'monitor', '--since', fmt(since - 1), '--until', fmt(until + 1), *a], cwd=ROOT, env=env,
                                     capture_output=True, text=True)
