@@ -1,5 +1,6 @@
 "The monitor on real servers and real lake photos: untouched photos raise no drift alert, night and infrared photos do, a biased model raises the bias alert, an alert reaches the webhook once"
 import io, json, os, sqlite3, subprocess, threading, time
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 import httpx, pandas as pd, pytest
@@ -94,10 +95,9 @@ def test_alerts_reach_the_webhook_once_and_clear(site):
     hook = HTTPServer(('127.0.0.1', 0), Receiver); threading.Thread(target=hook.serve_forever, daemon=True).start()
     env = dict(env, PETPARK_ALERT_WEBHOOK=f'http://127.0.0.1:{hook.server_port}/alerts')
     photos = lake_photos('Cat', 300, 50) + lake_photos('Dog', 300, 50)  # params.yaml's monitor.min_photos: 100
-    fmt = lambda t: time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(t))
-    time.sleep(2.1)  # the window below is given to the second and widened by one: what the tests before logged must fall before it
+    fmt = lambda t: datetime.fromtimestamp(t).isoformat()  # to the microsecond: the window holds these photos and none the tests before logged
     since, until = send(s.url, [night(p) for p in photos])
-    run = lambda *a: subprocess.run(['petpark', 'monitor', '--since', fmt(since - 1), '--until', fmt(until + 1), *a], cwd=ROOT, env=env,
+    run = lambda *a: subprocess.run(['petpark', 'monitor', '--since', fmt(since), '--until', fmt(until), *a], cwd=ROOT, env=env,
                                     capture_output=True, text=True)
     r = run()
     assert r.returncode == 0, r.stderr
