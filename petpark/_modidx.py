@@ -9,6 +9,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'petpark.bench._either': ('bench.html#_either', 'petpark/bench.py'),
                                'petpark.bench._jpeg': ('bench.html#_jpeg', 'petpark/bench.py'),
                                'petpark.bench._md_table': ('bench.html#_md_table', 'petpark/bench.py'),
+                               'petpark.bench._one_row_per_result': ('bench.html#_one_row_per_result', 'petpark/bench.py'),
                                'petpark.bench._open_loop': ('bench.html#_open_loop', 'petpark/bench.py'),
                                'petpark.bench._petpark': ('bench.html#_petpark', 'petpark/bench.py'),
                                'petpark.bench.bench_evaluate': ('bench.html#bench_evaluate', 'petpark/bench.py'),

@@ -563,14 +563,18 @@ def experiment_table(exp_show:list)->pd.DataFrame:
             if (e.get('executor') or {}).get('state') in ('queued', 'running', 'failed'): continue  # its copy holds the commit's metrics
             for r in e.get('revs') or []: add(r.get('name') or e.get('name') or r['rev'][:7], r['rev'], r.get('data'))
     df = pd.DataFrame(rows)
-    return df.drop_duplicates(subset=[c for c in df if c not in ('experiment', 'rev')], keep='last') if len(df) else df  # the workspace as its commit
+    return _one_row_per_result(df) if len(df) else df  # the workspace as its commit
+
+def _one_row_per_result(df:pd.DataFrame)->pd.DataFrame:
+    "The last of the rows that differ only in their name and revision (one recipe and result, listed twice)"
+    return df.drop_duplicates(subset=[c for c in df if c not in ('experiment', 'rev')], keep='last')
 
 def with_earlier(df:pd.DataFrame, earlier:pd.DataFrame=None)->pd.DataFrame:
     "`df` (`experiment_table`) after the rows of an `earlier` table that it lacks: experiments live in the clone that ran them (`refs/exps`), so a new clone's `dvc exp show` no longer lists them"
     if earlier is None or not len(earlier): return df
     if not len(df): return earlier
     out = pd.concat([earlier[~earlier.rev.astype(str).isin(df.rev.astype(str))], df], ignore_index=True)
-    return out.drop_duplicates(subset=[c for c in out if c not in ('experiment', 'rev')], keep='last').reset_index(drop=True)
+    return _one_row_per_result(out).reset_index(drop=True)
 
 def experiments_markdown(df:pd.DataFrame)->str:
     "`experiment_table` as a Markdown table, accuracy and its interval in percent"

@@ -151,7 +151,7 @@ def experiments(commits:int=1, # list the experiments of this many commits back 
     df = with_earlier(experiment_table(json.loads(_dvc('exp', 'show', '--json', '-n', commits))), earlier)
     if df.empty: raise PetparkError('no commit or experiment with test metrics: run `dvc exp run --queue -S train.…` and `dvc queue start` first')
     out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out.with_suffix('.csv'), index=False)
+    df.to_csv(csv, index=False)
     out.write_text('# Recipes compared (`petpark experiments`, from `dvc exp show`)\n\nTest split accuracy at the packaged decision '
                    'rule, with its 95% Wilson interval; `train_min`: the train stage on 2 CPU cores, as measured (longer where other '
                    'jobs shared the cores). Rows of an earlier table that this clone\'s `dvc exp show` no longer lists are kept: they '
