@@ -8,8 +8,9 @@ __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench'
            'onnx_macs', 'usable_cores', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
            'write_serve_bench', 'night', 'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor',
            'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report', 'experiment_table', 'with_earlier',
-           'experiments_markdown', 'on_cores', 'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train',
-           'scale_serve', 'scale_table', 'scale_projection', 'bench_scale', 'scale_words', 'write_scale_report']
+           'experiments_markdown', 'input_size_report', 'on_cores', 'scale_workers', 'karp_flatt', 'scale_ingest',
+           'scale_train', 'scale_serve', 'scale_table', 'scale_projection', 'bench_scale', 'scale_words',
+           'write_scale_report']
 
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, re, subprocess, sys, tempfile, time, zlib
@@ -583,6 +584,22 @@ def experiments_markdown(df:pd.DataFrame)->str:
     d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=plain(df.lr), label_smoothing=plain(df.label_smoothing),
                                         ci95=[f'{lo:.2%} to {hi:.2%}' for lo, hi in zip(df.ci95_low, df.ci95_high)])
     return _md_table(d.assign(train_min=[None if v is None else f'{v:.1f}' for v in d.train_min]))
+
+# %% ../nbs/92_bench.ipynb #27fed95d
+def input_size_report(out, table:pd.DataFrame)->int:
+    "`split_size_sweep`'s `table` as `out`.csv and `out`.md, with the size the validation photos' log loss picks (returned)"
+    out = proj_path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix('.csv'), index=False)
+    v = table[table.split == 'validation']
+    pick = int(v.img_size[v.log_loss.idxmin()])
+    ci = [' to '.join(f'{b:.2%}' for b in wilson(n - e, n)) for n, e in zip(table.n, table.errors)]
+    shown = table[['split', 'img_size', 'trained_at', 'n', 'errors']].assign(accuracy=[f'{a:.2%}' for a in table.accuracy], ci95=ci,
+                                                                               log_loss=[f'{l:.4f}' for l in table.log_loss])
+    out.with_suffix('.md').write_text(
+        '# Input size at inference (`petpark evaluate --sizes`)\n\nThe trained model fed photos at each size (centre crop, bilinear, '
+        'mirror TTA as trained): errors and accuracy at p(positive) >= 0.5 with the 95% Wilson interval, and log loss. '
+        f'**The validation photos pick {pick} px** (lowest log loss); the test split\'s rows are for the record, never for choosing.\n\n' + _md_table(shown))
+    return pick
 
 # %% ../nbs/92_bench.ipynb #f4668e46
 @contextmanager

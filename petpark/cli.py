@@ -101,13 +101,25 @@ def _summary(res:dict)->str:
     from petpark.judge import review_words
     return '\n'.join(lines + ['bias: the model ' + res['bias']['statement'], review_words(res)])
 
+def _input_sizes(sizes:str, out='reports/input_sizes'):
+    try: ss = [int(s) for s in sizes.split(',')]
+    except ValueError: ss = []
+    if not ss or min(ss) < 32: raise PetparkError(f'--sizes {sizes}: give input sizes in pixels separated by commas, e.g. 260,288,320')
+    from petpark.evaluate import split_size_sweep
+    from petpark.bench import input_size_report
+    table = split_size_sweep(ss)
+    pick = input_size_report(out, table)
+    print(table.to_string(index=False)); print(f'validation picks {pick} px; written: {proj_path(out)}.md')
+
 @call_parse
 def evaluate(images:str=None, # a labelled folder (Cat/, Dog/) to score; default: the test split, via `dvc repro evaluate`
              model_dir:str='artifacts/package', # with --images: a packaged model (ONNX Runtime, the server's speed) or a trained one (`models`)
              variant:str='fp32', # with --images and a packaged model: fp32 (the learner's numbers) or int8
              out_dir:str=None, # with --images: where the report goes (default: reports/evaluate_<folder name>)
+             sizes:str=None, # input sizes to feed the trained model (`models`), e.g. 260,288,320: its validation and test accuracy at each, to reports/input_sizes.md
              no_dvc:store_true=False): # without --images: call the stage function directly, outside DVC
     "Score the trained model on the test split (the stage) or on a labelled folder of photos it has never seen, with the quality and bias gate"
+    if sizes: return _input_sizes(sizes)
     if images is None: return run_stage('evaluate', no_dvc)
     from petpark.evaluate import evaluate_folder
     print(_summary(evaluate_folder(images, load_params(), model_dir, out_dir=out_dir, variant=variant)))

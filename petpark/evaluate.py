@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['write_results', 'model_classes', 'photo_preds', 'as_labelled', 'score_photos', 'evaluate_stage', 'evaluate_folder',
-           'error_gallery']
+           'size_sweep', 'split_size_sweep', 'error_gallery']
 
 # %% ../nbs/04_evaluate.ipynb #fb407e18
 import json, tempfile
@@ -89,6 +89,29 @@ def evaluate_folder(images:Path, params:Params=None, model_dir='models', valid_p
     out = proj_path(out_dir or f'reports/evaluate_{images.name}')
     quarantined = man[man.status == 'quarantine'][['path', 'reason']].to_dict(orient='records')
     return score_photos(kept, images, P.evaluate, model_dir, valid_preds, out, extra=dict(quarantined=quarantined), variant=variant)
+
+# %% ../nbs/04_evaluate.ipynb #dddcc204
+def size_sweep(rows:pd.DataFrame, root:Path, sizes:list, model_dir='models', positive:str='Dog', bs:int=32)->pd.DataFrame:
+    "Errors and accuracy at p(`positive`) >= 0.5, and log loss, of the trained model in `model_dir` on manifest `rows` (photos under `root`) fed at each input size in `sizes`"
+    from petpark.model import torch_predict_fn
+    from petpark.runtime import load_inputs
+    predict, meta = torch_predict_fn(model_dir)
+    k, y, paths, out = meta['classes'].index(positive), (rows.label == positive).values, [Path(root)/f for f in rows.path], []
+    for s in sizes:
+        p = np.concatenate([predict(load_inputs(paths[i:i+bs], s))[:, k] for i in range(0, len(paths), bs)])
+        errors = int(((p >= 0.5) != y).sum())
+        out.append(dict(img_size=int(s), trained_at=meta['img_size'], n=len(y), errors=errors, accuracy=round(1 - errors/len(y), 6),
+                        log_loss=round(float(-np.log(np.clip(np.where(y, p, 1 - p), 1e-7, 1)).mean()), 6)))
+    return pd.DataFrame(out)
+
+# %% ../nbs/04_evaluate.ipynb #374f7390
+def split_size_sweep(sizes:list, params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', model_dir='models')->pd.DataFrame:
+    "`size_sweep` of the trained model on the train stage's validation photos, where a size may be chosen, and on the test split, for the record"
+    from petpark.train import train_items
+    P, man = params or load_params(), pd.read_csv(proj_path(manifest))
+    splits = dict(validation=train_items(man, P.train.valid_frac, 0, P.base.seed).query('is_valid'), test=man[man.status == 'test'])
+    return pd.concat([size_sweep(r, proj_path(data_dir), sizes, model_dir, P.evaluate.positive).assign(split=k) for k, r in splits.items()],
+                     ignore_index=True)
 
 # %% ../nbs/04_evaluate.ipynb #e671cbd3
 def error_gallery(preds:pd.DataFrame, root:Path, positive:str, t:float, n:int=12, size:int=128, cols:int=6)->Image.Image:

@@ -38,3 +38,9 @@ def test_bench_scale_with_bad_workers_is_one_clear_line(env):
     for bad, words in [('2', 'from 1 (the baseline)'), ('1,two', 'separated by commas'), ('1,999', "this machine's cores")]:
         r = petpark('bench', 'scale', '--workers', bad, env=env)
         assert r.returncode == 2 and 'Traceback' not in r.stderr and words in r.stderr, r.stderr
+
+
+def test_evaluate_with_bad_sizes_is_one_clear_line(env):
+    for bad in ['big', '260,x', '8']:
+        r = petpark('evaluate', '--sizes', bad, env=env)
+        assert r.returncode == 2 and 'Traceback' not in r.stderr and 'e.g. 260,288,320' in r.stderr, r.stderr
