@@ -517,6 +517,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'petpark.train.fit_run': ('train.html#fit_run', 'petpark/train.py'),
                                'petpark.train.get_dls': ('train.html#get_dls', 'petpark/train.py'),
                                'petpark.train.get_learner': ('train.html#get_learner', 'petpark/train.py'),
+                               'petpark.train.model_size': ('train.html#model_size', 'petpark/train.py'),
                                'petpark.train.rank0_value': ('train.html#rank0_value', 'petpark/train.py'),
                                'petpark.train.rank_main': ('train.html#rank_main', 'petpark/train.py'),
                                'petpark.train.run_ranks': ('train.html#run_ranks', 'petpark/train.py'),

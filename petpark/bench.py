@@ -543,7 +543,7 @@ def bench_monitor_report(out, model:LoadedModel, ref:dict, paths:list, labels:li
     return dict(res, tidy=tidy, table=pivot, md=o.with_suffix('.md'))
 
 # %% ../nbs/92_bench.ipynb #ab575de4
-RECIPE = ['backbone', 'img_size', 'freeze_epochs', 'epochs', 'lr', 'label_smoothing']
+RECIPE = ['backbone', 'img_size', 'freeze_epochs', 'epochs', 'lr', 'label_smoothing', 'final_img_size', 'final_epochs']
 
 def experiment_table(exp_show:list)->pd.DataFrame:
     "A row per commit or experiment in `dvc exp show --json` output that has test metrics: the train recipe, train minutes, test accuracy with its 95% interval"
@@ -581,7 +581,9 @@ def experiments_markdown(df:pd.DataFrame)->str:
     "`experiment_table` as a Markdown table, accuracy and its interval in percent"
     d = df.drop(columns=['ci95_low', 'ci95_high']).astype(object)
     plain = lambda col: [None if pd.isna(v) else str(v) for v in col]  # as written in params.yaml; blank for a commit before the knob
+    whole = lambda c: [None if pd.isna(v) else int(v) for v in (df[c] if c in df else [None]*len(df))]
     d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=plain(df.lr), label_smoothing=plain(df.label_smoothing),
+                                        final_img_size=whole('final_img_size'), final_epochs=whole('final_epochs'),
                                         ci95=[f'{lo:.2%} to {hi:.2%}' for lo, hi in zip(df.ci95_low, df.ci95_high)])
     return _md_table(d.assign(train_min=[None if v is None else f'{v:.1f}' for v in d.train_min]))
 

@@ -136,6 +136,7 @@ class SearchParams: lrs:list; subset:int; img_size:int; budget_s:float
 class TrainParams:
     backbone:str; img_size:int; bs:int; valid_frac:float; freeze_epochs:int; epochs:int; lr:float; wd:float
     label_smoothing:float; max_train:int; tta:bool; search:SearchParams
+    final_img_size:int=0; final_epochs:int=0  # progressive resizing: then this many epochs on photos this large (0: none)
 
 @dataclass(frozen=True)
 class EvaluateParams:

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['train_items', 'balanced_sample', 'get_dls', 'wandb_run', 'distributed', 'rank0_value', 'FrozenBNStats', 'get_learner',
-           'fit_run', 'search_lr', 'EpochLog', 'fine_tune_model', 'train_stage', 'run_ranks', 'rank_main']
+           'fit_run', 'search_lr', 'EpochLog', 'model_size', 'fine_tune_model', 'train_stage', 'run_ranks', 'rank_main']
 
 # %% ../nbs/03_train.ipynb #a1e066c9
 import os, sys, json, time, subprocess, tempfile
@@ -154,14 +154,23 @@ class EpochLog(Callback):
         for v in self.recorder.values:
             self.rows.append({'step': len(self.rows), 'phase': phase, **dict(zip(names, v))})
 
+def model_size(p:TrainParams)->int:
+    "The input size the trained model ends at, and is judged and served at: the last epochs' photos"
+    return p.final_img_size if p.final_epochs else p.img_size
+
 def fine_tune_model(items:pd.DataFrame, root:Path, p:TrainParams, lr:float, seed:int, config:dict=None, group:str=None)->tuple:
-    "fastai `fine_tune` on all of `items` with `p`'s schedule and learning rate `lr`; returns the learner, final metrics and history"
+    "fastai `fine_tune` on all of `items` with `p`'s schedule and learning rate `lr`, then `p.final_epochs` on larger photos; returns the learner, final metrics and history"
     set_seed(seed, reproducible=True)
     log = EpochLog()
     learn = get_learner(get_dls(items, root, p.img_size, p.bs, seed), p.backbone, p.wd, cbs=[log], label_smoothing=p.label_smoothing)
     cfg = dict(lr=lr, img_size=p.img_size, bs=p.bs, freeze_epochs=p.freeze_epochs, epochs=p.epochs, wd=p.wd,
-               label_smoothing=p.label_smoothing, backbone=p.backbone, **(config or {}))
-    res = fit_run(learn, 'final', cfg, lambda l: l.fine_tune(p.epochs, lr, freeze_epochs=p.freeze_epochs), 'train', group)
+               label_smoothing=p.label_smoothing, backbone=p.backbone, final_img_size=p.final_img_size, final_epochs=p.final_epochs, **(config or {}))
+    def fit(l):
+        l.fine_tune(p.epochs, lr, freeze_epochs=p.freeze_epochs)
+        if p.final_epochs:  # progressive resizing: more epochs on larger photos, at `fine_tune`'s unfrozen rates and schedule
+            l.dls = get_dls(items, root, p.final_img_size, p.bs, seed)
+            l.fit_one_cycle(p.final_epochs, slice(lr/200, lr/2), pct_start=0.3, div=5.0)
+    res = fit_run(learn, 'final', cfg, fit, 'train', group)
     learn.remove_cb(log)  # training bookkeeping, not part of the exported model
     return learn, res, pd.DataFrame(log.rows)
 
@@ -189,7 +198,7 @@ def train_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', da
     predict_items(learn, items[items.is_valid], root, tta=p.tta).to_csv(out_dir/'valid_preds.csv', index=False)
     info = dict(lr=lr, n_train=int((~items.is_valid).sum()), n_valid=int(items.is_valid.sum()), valid_accuracy=res['accuracy'],
                 tta=p.tta, procs=procs, wandb_run=res['wandb_run'], wandb_group=group, **data_version(), git_commit=git_commit())
-    save_model(learn, model_dir, p.img_size, p.backbone, info)
+    save_model(learn, model_dir, model_size(p), p.backbone, info)
     _log_model_artifact(model_dir)
     return write_metrics(metrics, {**info, 'seconds': round(time.time() - t0, 1)})
 
