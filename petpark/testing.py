@@ -16,7 +16,7 @@ from .core import *
 TEST_LAKE = 'tests/lake'
 
 TINY = {'ingest.workers': 1, 'train.backbone': 'efficientnet_lite0', 'train.img_size': 64, 'train.bs': 8,
-        'train.max_train': 60, 'train.search.lrs': [0.003], 'train.search.subset': 16, 'train.search.img_size': 64,
+        'train.max_train': 60, 'train.final_epochs': 0, 'train.search.lrs': [0.003], 'train.search.subset': 16, 'train.search.img_size': 64,
         'explain.right_per_class': 1, 'explain.wrong_per_class': 1, 'explain.max_evals': 50,
         'package.parity_images': 16, 'package.calib_images': 16}
 LENIENT = {'evaluate.min_accuracy': 0.0, 'evaluate.min_class_recall': 0.0, 'evaluate.max_recall_gap': 1.0,
