@@ -581,7 +581,7 @@ def experiments_markdown(df:pd.DataFrame)->str:
     "`experiment_table` as a Markdown table, accuracy and its interval in percent"
     d = df.drop(columns=['ci95_low', 'ci95_high']).astype(object)
     plain = lambda col: [None if pd.isna(v) else str(v) for v in col]  # as written in params.yaml; blank for a commit before the knob
-    whole = lambda c: [None if pd.isna(v) else int(v) for v in (df[c] if c in df else [None]*len(df))]
+    whole = lambda c: [None if pd.isna(v) else str(int(v)) for v in (df[c] if c in df else [None]*len(df))]  # text: a column of numbers and blanks would print as floats
     d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=plain(df.lr), label_smoothing=plain(df.label_smoothing),
                                         final_img_size=whole('final_img_size'), final_epochs=whole('final_epochs'),
                                         ci95=[f'{lo:.2%} to {hi:.2%}' for lo, hi in zip(df.ci95_low, df.ci95_high)])
