@@ -5,12 +5,11 @@
 # %% auto #0
 __all__ = ['SERVE_AIMS', 'SHIFTS', 'CONDITIONS', 'AIMS', 'RECIPE', 'write_bench', 'synth_lake', 'bench_ingest', 'bench_table',
            'bench_latency', 'bench_evaluate', 'EagerModel', 'bench_model', 'bench_server', 'open_loop', 'engine_rate',
-           'onnx_macs', 'usable_cores', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
+           'onnx_macs', 'cpu_peak', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
            'write_serve_bench', 'night', 'infrared', 'blur', 'rot90', 'shift_pool', 'monitor_sample', 'bench_monitor',
            'synth_log', 'time_monitor', 'monitor_verdict', 'bench_monitor_report', 'experiment_table', 'with_earlier',
-           'experiments_markdown', 'input_size_report', 'on_cores', 'scale_workers', 'karp_flatt', 'scale_ingest',
-           'scale_train', 'scale_serve', 'scale_table', 'scale_projection', 'bench_scale', 'scale_words',
-           'write_scale_report']
+           'experiments_markdown', 'input_size_report', 'scale_workers', 'karp_flatt', 'scale_ingest', 'scale_train',
+           'scale_serve', 'scale_table', 'scale_projection', 'bench_scale', 'scale_words', 'write_scale_report']
 
 # %% ../nbs/92_bench.ipynb #85cf1179
 import io, json, os, re, subprocess, sys, tempfile, time, zlib
@@ -26,6 +25,7 @@ from .core import *
 from .ingest import walk_lake
 from .runtime import Contract, LoadedModel, load_dir, load_inputs, onnx_session
 from .judge import wilson
+from .proc import Served, on_cores, run_tool, usable_cores
 
 # %% ../nbs/92_bench.ipynb #5e3333ab
 def write_bench(df:pd.DataFrame, out, title:str)->Path:
@@ -241,10 +241,6 @@ def onnx_macs(path)->int:
         macs += int(np.prod(out))*int(np.prod(w[1:]) if n.op_type == 'Conv' else np.prod(w)//out[-1])  # out x (Cin/groups x kH x kW), or out x K
     return macs
 
-def usable_cores()->int:
-    "The cores this process may run on (its CPU affinity, where the OS has one)"
-    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
 def cpu_peak(cpuinfo='/proc/cpuinfo')->dict:
     "This CPU's fp32 peak: cores x clock x 32 FLOP/cycle (AVX2 FMA), and whether it has AVX-512 and VNNI"
     txt = Path(cpuinfo).read_text()
@@ -259,7 +255,6 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
                 levels=(1, 4, 16), requests:int=120, rates=(10, 25, 50, 75, 100), seconds:float=10, engine_seconds:float=5)->dict:
     "Closed-loop, open-loop and in-process figures of each variant, one after another, on loopback: {'closed', 'open', 'engine'} tables"
     from petpark.preprod import load_test
-    from petpark.testing import Served
     closed, opened, engine, db = [], [], [], Path(tempfile.mkdtemp())
     threads = get_settings().serve_threads
     cores = usable_cores()
@@ -459,7 +454,7 @@ def bench_monitor(model:LoadedModel, ref:dict, paths:list, labels:list, p:Monito
 # %% ../nbs/92_bench.ipynb #f83c85f1
 def synth_log(path, pool:tuple, n:int, since:float=0.0, hours:float=24, chunk:int=10_000)->Path:
     "An inference log at `path` of `n` predictions cycling through a `shift_pool` pool's rows, spread over `hours` from `since`"
-    from petpark.serve import InferenceLog
+    from petpark.db import InferenceLog
     df, emb = pool
     classes = [c[2:] for c in df.columns if c.startswith('p_')]
     base = [dict(model_version='bench', model_hash='0'*64, variant='bench', input_sha256=f'{i:064x}', filename=r['filename'], format=r['format'],
@@ -604,17 +599,6 @@ def input_size_report(out, table:pd.DataFrame)->int:
     return pick
 
 # %% ../nbs/92_bench.ipynb #f4668e46
-@contextmanager
-def on_cores(n:int):
-    "Processes started inside the block run on this machine's first `n` cores (inherited CPU affinity), OpenMP libraries one thread each"
-    if not hasattr(os, 'sched_setaffinity'): raise PetparkError('bench scale pins workers to cores with Linux CPU affinity: run it on Linux')
-    have = sorted(os.sched_getaffinity(0))
-    if not 1 <= n <= len(have): raise PetparkError(f'{n} workers need {n} cores, one each, and this process may use {len(have)}: choose 1 to {len(have)}')
-    os.sched_setaffinity(0, have[:n])
-    try:
-        with modified_env(OMP_NUM_THREADS='1'): yield have[:n]
-    finally: os.sched_setaffinity(0, have)
-
 def scale_workers(workers)->tuple:
     "`workers` (e.g. '1,2' or (1, 2)) checked: ascending, from 1, at most this process's cores; one clear error otherwise"
     try: ws = tuple(int(x) for x in (workers.split(',') if isinstance(workers, str) else workers))
@@ -657,7 +641,6 @@ def scale_train(manifest, data_dir, P:Params, workers=(1, 2), train_photos:int=2
 def scale_serve(package_dir, bodies:list, workers=(1, 2), requests:int=400, concurrency:int=8, work_dir=None)->list:
     "Serving req/s of `petpark serve --workers` (one core each) on the packaged model, closed loop at `concurrency`"
     from petpark.preprod import load_test
-    from petpark.testing import Served
     rows = []
     with tempfile.TemporaryDirectory(dir=work_dir) as d:
         for w in workers:

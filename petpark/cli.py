@@ -18,10 +18,8 @@ from .core import *
 # %% ../nbs/90_cli.ipynb #f5767f43
 def _dvc(*args, root=None):
     "Run `dvc args` in the project root; a failure is a `PetparkError`"
-    dvc = shutil.which('dvc') or str(Path(sys.executable).parent/'dvc')
-    r = subprocess.run([dvc, *map(str, args)], cwd=proj_root(root), capture_output=True, text=True)
-    if r.returncode: raise PetparkError(f"dvc {' '.join(map(str, args))} failed: {(r.stderr or r.stdout).strip()}")
-    return r.stdout
+    from petpark.proc import run_tool
+    return run_tool('dvc', *args, cwd=proj_root(root))
 
 # %% ../nbs/90_cli.ipynb #a43c87de
 @call_parse
@@ -70,7 +68,6 @@ def review(photo:Annotated[str, "a photo's path in the lake (as the queue names 
     "Decide a label suspect from the EDA stage's review queue (recorded in artifacts/ingest/reviews.csv; the next `dvc repro` applies it), or list the queue"
     import pandas as pd
     from petpark.review import add_review, read_reviews, review_queue
-    from petpark.registry import user_name
     P, q, decided = load_params(), proj_path('artifacts/eda/review_queue.csv'), proj_path('artifacts/ingest/reviews.csv')
     if photo is None:
         if not q.exists(): raise PetparkError(f'no review queue at {q}: run `dvc repro eda`')
@@ -249,7 +246,8 @@ def serve(stage:str='staging', # the registry stage to serve and follow: staging
           workers:int=1): # server processes on the port (replicas; a dead one is restarted); use a PostgreSQL db_url for several
     "Serve the model over HTTP (/predict, /feedback, /health, /ready, /version, /metrics, /docs); follows the stage"
     import uvicorn
-    from petpark.serve import build_app, serve_replicas, ModelHolder, InferenceLog
+    from petpark.serve import build_app, serve_replicas, ModelHolder
+    from petpark.db import InferenceLog
     s = get_settings()
     if variant and not model_dir: raise PetparkError('--variant needs --model-dir: a registry stage serves the variant its package chose')
     if workers < 1: raise PetparkError(f'--workers {workers}: give 1 or more server processes')
@@ -276,7 +274,7 @@ def preprod_test(stage:str='staging', # the registry stage whose live server is 
                  by:str=None): # who runs it (default: PETPARK_USER, else the login name)
     "Pre-production tests against a live server: smoke, consistency, accuracy, fairness, hostile inputs, load; verdict to the registry"
     from petpark.preprod import run_preprod, labelled_photos, test_split_photos, write_report
-    from petpark.registry import Registry, user_name
+    from petpark.registry import Registry
     reg, P = Registry(), load_params()
     n = per_class or P.preprod.photos_per_class
     v = reg.resolve(stage)['version']

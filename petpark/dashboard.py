@@ -20,7 +20,8 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.channels import AsyncZMQSocketChannel
 from traitlets import Type
 from .core import *
-from .db import Db, log_dir, log_exists
+from .db import Db, InferenceLog, PhotoStore, log_dir, log_exists, photo_store, read_frame
+from .proc import Served, free_port, run_tool
 
 # %% ../nbs/94_dashboard.ipynb #460a29a2
 DASHBOARDS = {  # name: (notebook, title, the question it answers)
@@ -44,15 +45,6 @@ def read_json(p)->dict|None:
     return json.loads(p.read_text()) if p.exists() else None
 
 # %% ../nbs/94_dashboard.ipynb #40c3e785
-def _query(db, q, args=())->pd.DataFrame:
-    "A read-only query's rows from the log `db` (a db_url or a SQLite file); `q` is SQL, or a function of the `Db` that writes it in its dialect. An empty frame when the log or the table is absent"
-    if not log_exists(db): return pd.DataFrame()
-    with Db(db, readonly=True) as con:
-        try: return con.frame(q(con) if callable(q) else q, args)
-        except Exception as e:
-            if 'no such table' in str(e) or 'does not exist' in str(e): return pd.DataFrame()  # a log older than the table
-            raise
-
 def local_day(t:float)->str:
     "The local date of epoch seconds `t`, as the log's days are counted"
     return time.strftime('%Y-%m-%d', time.localtime(t))
@@ -64,22 +56,22 @@ def day_start(day:str)->float:
 def log_span(db, stage:str=None)->tuple|None:
     "(first, last) prediction time in `db` (epoch seconds) of the servers of `stage` (default: all); None when nothing was served"
     st, args = ('WHERE stage = ?', (stage,)) if stage else ('', ())
-    r = _query(db, f'SELECT MIN(time) t0, MAX(time) t1 FROM predictions {st}', args)
+    r = read_frame(db, f'SELECT MIN(time) t0, MAX(time) t1 FROM predictions {st}', args)
     return None if r.empty or pd.isna(r.t0[0]) else (float(r.t0[0]), float(r.t1[0]))
 
 def daily_trends(db, since:float, until:float, positive:str='Dog', stage:str=None)->pd.DataFrame:
     "One row per day from `since` to `until`: photos, requests, predicted `positive` share, label-free accuracy estimate, feedback, latency p50/p99, refusals, host load"
     st = ' AND stage = ?' if stage else ''
     args = (since, until, *([stage] if stage else []))
-    pred = _query(db, lambda c: f'''SELECT {c.day()} AS day, COUNT(*) photos, COUNT(DISTINCT request_id) requests,
+    pred = read_frame(db, lambda c: f'''SELECT {c.day()} AS day, COUNT(*) photos, COUNT(DISTINCT request_id) requests,
         AVG(CASE WHEN label = ? THEN 1.0 ELSE 0 END) pred_share, AVG(CASE WHEN {(p := c.json_num('probs', positive))} >= 0.5 THEN {p} ELSE 1 - {p} END) confidence,
         COUNT(feedback) feedback, SUM(CASE WHEN feedback = label THEN 1 ELSE 0 END) feedback_right
         FROM predictions WHERE time >= ? AND time < ?{st} GROUP BY 1''', (positive, *args))
-    lat = _query(db, lambda c: f'''WITH r AS (SELECT {c.day()} AS day, latency_ms, ROW_NUMBER() OVER w k, COUNT(*) OVER (PARTITION BY {c.day()}) n
+    lat = read_frame(db, lambda c: f'''WITH r AS (SELECT {c.day()} AS day, latency_ms, ROW_NUMBER() OVER w k, COUNT(*) OVER (PARTITION BY {c.day()}) n
         FROM predictions WHERE time >= ? AND time < ?{st} WINDOW w AS (PARTITION BY {c.day()} ORDER BY latency_ms))
         SELECT day, MIN(CASE WHEN k >= 0.5*n THEN latency_ms END) p50, MIN(CASE WHEN k >= 0.99*n THEN latency_ms END) p99 FROM r GROUP BY day''', args)
-    ref = _query(db, lambda c: f'SELECT {c.day()} AS day, COUNT(*) refused FROM refusals WHERE time >= ? AND time < ?{st} GROUP BY 1', args)
-    host = _query(db, lambda c: f'''SELECT {c.day()} AS day, AVG(cpu_pct) cpu_pct, AVG(mem_pct) mem_pct, MAX(disk_pct) disk_pct, MAX(temp_c) temp_c
+    ref = read_frame(db, lambda c: f'SELECT {c.day()} AS day, COUNT(*) refused FROM refusals WHERE time >= ? AND time < ?{st} GROUP BY 1', args)
+    host = read_frame(db, lambda c: f'''SELECT {c.day()} AS day, AVG(cpu_pct) cpu_pct, AVG(mem_pct) mem_pct, MAX(disk_pct) disk_pct, MAX(temp_c) temp_c
         FROM host WHERE time >= ? AND time < ?{st} GROUP BY 1''', args)
     out = pd.DataFrame({'day': pd.date_range(local_day(since), local_day(until - 1)).strftime('%Y-%m-%d')})
     for t in (pred, lat, ref, host):
@@ -103,7 +95,7 @@ def daily_drift(db, since:float, until:float, ref:dict, positive:str='Dog', stag
     "KS p-value per day and statistic of the window's photos against the reference `ref` (`load_reference`)"
     from scipy.stats import ks_2samp
     st = ' AND stage = ?' if stage else ''
-    df = _query(db, lambda c: f'''SELECT {c.day()} AS day, brightness, contrast, saturation, {c.json_num('probs', positive)} p_pos
+    df = read_frame(db, lambda c: f'''SELECT {c.day()} AS day, brightness, contrast, saturation, {c.json_num('probs', positive)} p_pos
         FROM predictions WHERE time >= ? AND time < ?{st}''', (since, until, *([stage] if stage else [])))
     rows = []
     for day, g in df.groupby('day') if len(df) else []:
@@ -119,7 +111,7 @@ def _fake_version(out:Path, name:str, acc:float, threshold:float, bias:str, ref_
     "The files of a registered version, without a network: serving.json, a model card, a reference"
     out.mkdir(parents=True, exist_ok=True); rng = np.random.default_rng(len(name))
     root = proj_root()
-    commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True).stdout.strip() or None
+    commit = (run_tool('git', 'rev-parse', 'HEAD', cwd=root, check=False) or '').strip() or None
     md5 = data_dvc_md5(root)
     sv = dict(classes=['Cat', 'Dog'], positive='Dog', threshold=threshold, img_size=224, served='fp32', backbone='efficientnet_lite2',
               tta=True, git_commit=commit, data_dvc_md5=md5, manifest_sha256='0'*64, wandb_run=f'demo{name}', lr=0.002, gate={'passed': True, 'reasons': []})
@@ -136,7 +128,6 @@ def _fake_version(out:Path, name:str, acc:float, threshold:float, bias:str, ref_
 def demo_site(root, rows:int=2000, days:int=14, seed:int=0)->dict:
     "A registry of two versions (v1 in prod, v2 in staging), an inference log of `rows` predictions over `days` days with alerts, and a workspace; the environment that points the dashboards at them"
     from petpark.registry import Registry
-    from petpark.serve import InferenceLog, PhotoStore
     from petpark.monitor import ALERTS_SCHEMA
     root, rng, lake = Path(root), np.random.default_rng(seed), proj_path('tests/lake')
     reg = Registry(root/'registry', 'petpark-classifier')
@@ -409,17 +400,16 @@ def shap_tile(photo:np.ndarray, sv:np.ndarray, size:int=128)->'Image.Image':
 
 def alerts_html(db, limit:int=20)->str:
     "The stored alerts, open ones first: what was found, since when, what to do, and the evidence photos the server kept"
-    from petpark.serve import PhotoStore
-    a = _query(db, 'SELECT * FROM alerts ORDER BY closed IS NOT NULL, opened DESC LIMIT ?', (limit,))
+    a = read_frame(db, 'SELECT * FROM alerts ORDER BY closed IS NOT NULL, opened DESC LIMIT ?', (limit,))
     if a.empty: return '<p>No alert has been raised: <code>petpark monitor</code> stores one when a check fails.</p>'
-    s = get_settings(); store = PhotoStore(site_path(s.photo_dir) if s.photo_dir else log_dir(db)/'photos')
+    store = photo_store(db)
     out = []
     for r in a.itertuples():
         ev = json.loads(r.evidence) if isinstance(r.evidence, str) else None
         photos = ''
         if ev:
             ids = [e['request_id'] for e in ev]
-            sha = _query(db, f"SELECT request_id, input_sha256 FROM predictions WHERE item = 0 AND request_id IN ({','.join('?'*len(ids))})", ids)
+            sha = read_frame(db, f"SELECT request_id, input_sha256 FROM predictions WHERE item = 0 AND request_id IN ({','.join('?'*len(ids))})", ids)
             paths = [store.path(h) for h in sha.input_sha256 if store.path(h).exists()]
             photos = ('<p>Evidence: the photos least like the reference.</p>' + photo_strip(paths, [f'photo {i + 1}' for i in range(len(paths))], 96)
                       if paths else '<p>Evidence photos are no longer kept by the server.</p>')
@@ -494,16 +484,11 @@ def voila_env(extra:dict=None)->dict:
     e['PATH'] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
     return e
 
-class Dashboard:
+class Dashboard(Served):
     "Voila over the dashboards on 127.0.0.1:`port` (a free one by default), ready when the landing page answers; a context manager"
-    def __init__(self, port:int=None, env:dict=None, timeout:float=120, quiet:bool=True):
-        from petpark.testing import free_port, wait_ready
-        self.port = port or free_port(); self.url = f'http://127.0.0.1:{self.port}'
-        self.dir = serve_dir(self.port)
-        self.proc = subprocess.Popen(voila_cmd(self.dir, self.port), env=voila_env(env), cwd=self.dir,
-                                     stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.STDOUT if quiet else None)
-        if not wait_ready(self.proc, self.url + '/', timeout, lambda: f'voila stopped (exit code {self.proc.returncode}): is port {self.port} free?'):
-            self.stop(); raise PetparkError(f'voila at {self.url} did not answer within {timeout:g} s')
+    def __init__(self, port:int=None, env:dict=None, timeout:float=120):
+        port = port or free_port(); self.dir = serve_dir(port)  # Voila logs every kernel's start: its output is dropped, not piped
+        super().__init__(voila_cmd(self.dir, port), voila_env(env), timeout, port, cwd=self.dir, ready='/', quiet=True, name='voila')
 
     def render_url(self, name:str)->str: return f"{self.url}/voila/render/{DASHBOARDS[name][0]}"
 
@@ -524,14 +509,7 @@ class Dashboard:
         return time.time() - t0
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try: self.proc.wait(15)
-            except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self): return self
-    def __exit__(self, *a): self.stop()
+        super().stop(); shutil.rmtree(self.dir, ignore_errors=True)
 
 # %% ../nbs/94_dashboard.ipynb #de88cf4b
 CHROMIUM = '/usr/bin/chromium'

@@ -7,13 +7,13 @@ __all__ = ['GOVERN_SCHEMA', 'EXT', 'new_labels', 'hold', 'review', 'write_batch'
            'lineage_text']
 
 # %% ../nbs/83_govern.ipynb #53baf2c1
-import json, os, shutil, sqlite3, subprocess, sys, tempfile, time
+import json, os, shutil, sqlite3, tempfile, time
 from pathlib import Path
 import pandas as pd, yaml
 from .core import *
-from .registry import Registry, user_name
-from .serve import PhotoStore, photo_store
-from .db import Db, log_exists, log_url, safe_url
+from .registry import Registry
+from .db import Db, PhotoStore, log_exists, log_url, photo_store, safe_url
+from .proc import Served, run_tool
 
 # %% ../nbs/83_govern.ipynb #6494d489
 GOVERN_SCHEMA = '''CREATE TABLE IF NOT EXISTS lake_batches(input_sha256 TEXT PRIMARY KEY, label TEXT, batch TEXT, path TEXT, time REAL);
@@ -84,16 +84,12 @@ def mark_batch(db, written:pd.DataFrame, batch:str):
 
 # %% ../nbs/83_govern.ipynb #57cbbb14
 def _run(args:list, root:Path, say)->str:
-    exe = Path(sys.executable).parent
-    cmd = [str(exe/args[0]) if (exe/args[0]).exists() else args[0], *map(str, args[1:])]
+    "Run `args` (a tool and its arguments) in `root` as `run_tool` does, saying the command first"
     say('$ ' + ' '.join(map(str, args)))
-    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
-    if r.returncode: raise PetparkError(f"`{' '.join(map(str, args))}` failed: {(r.stderr or r.stdout).strip()[-1500:]}")
-    return r.stdout
+    return run_tool(*args, cwd=root)
 
 def retrain(db=None, params:Params=None, registry:Registry=None, by=None, say=print)->dict:
     "Staff-labelled photos → a new lake batch → `data.dvc` pinned → `dvc repro` → staging → pre-production test; the version then awaits QA"
-    from petpark.testing import Served  # the same loopback server runner the tests use
     P, s, root = params or load_params(), get_settings(), proj_root()
     db, reg, who = log_url(db), registry or Registry(), user_name(by)
     if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)}: nothing has been served yet (db_url setting)')
@@ -131,8 +127,8 @@ def retrain(db=None, params:Params=None, registry:Registry=None, by=None, say=pr
 
 # %% ../nbs/83_govern.ipynb #7d67fe8d
 def _git(root, *a)->str:
-    r = subprocess.run(['git', *a], cwd=root, capture_output=True, text=True)
-    return r.stdout.strip() if r.returncode == 0 else ''
+    "git's answer in `root`, or '' where git fails (an unknown commit, no repository)"
+    return (run_tool('git', *a, cwd=root, check=False) or '').strip()
 
 def lineage(request_id:str, db=None, registry:Registry=None)->dict:
     "From one logged prediction back to the model version, its registry record and approvals, the W&B run, the git commit, the data version, the manifest and the params"

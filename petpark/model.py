@@ -8,7 +8,7 @@ __all__ = ['LITE_STATS', 'BACKBONES', 'OUTPUTS', 'offline_weights', 'get_backbon
            'served_model', 'load_served', 'torch_predict_fn']
 
 # %% ../nbs/70_model.ipynb #613a9756
-import json, subprocess, warnings
+import json, warnings
 from pathlib import Path
 # timm and fastai script a few layers with torch.jit at import, which torch 2.14 deprecates: a warning for their
 # maintainers that no reader of a stage page can act on (it showed on the EDA and evaluate pages)
@@ -17,6 +17,7 @@ import numpy as np, pandas as pd, torch, timm, yaml
 from torch import nn
 from fastai.vision.all import create_head, progress_bar
 from .core import *
+from .proc import run_tool
 
 # %% ../nbs/70_model.ipynb #c4fbded1
 LITE_STATS = ([0.5]*3, [0.5]*3)  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
@@ -67,11 +68,11 @@ OUTPUTS = ['dvc.lock', '*.dvc', 'metrics', 'reports', 'artifacts']  # tracked fi
 
 def git_commit(root=None)->str:
     "HEAD's commit, with `-dirty` when the code (tracked files other than the pipeline's own `OUTPUTS`) has uncommitted changes; `unknown` outside git"
-    run = lambda *a: subprocess.run(['git', *a], cwd=proj_root(root), capture_output=True, text=True)
-    head = run('rev-parse', 'HEAD')
-    if head.returncode: return 'unknown'
-    code = run('status', '--porcelain', '-uno', '--', '.', *[f':(exclude){o}' for o in OUTPUTS]).stdout.strip()
-    return head.stdout.strip() + ('-dirty' if code else '')
+    git = lambda *a: run_tool('git', *a, cwd=proj_root(root), check=False)
+    head = git('rev-parse', 'HEAD')
+    if head is None: return 'unknown'
+    code = git('status', '--porcelain', '-uno', '--', '.', *[f':(exclude){o}' for o in OUTPUTS]).strip()
+    return head.strip() + ('-dirty' if code else '')
 
 # %% ../nbs/70_model.ipynb #7f7f63b0
 def save_model(learn, model_dir:Path, img_size:int, backbone:str, info:dict)->Path:

@@ -16,8 +16,7 @@ import numpy as np, pandas as pd
 from scipy import stats
 from .core import *
 from .runtime import LoadedModel, decode_photo, onnx_predict
-from .serve import HOST_FACTS
-from .db import Db, log_exists
+from .db import Db, HOST_FACTS, LOG_SCHEMA, log_exists
 from .judge import share_words, wilson
 
 # %% ../nbs/07_monitor.ipynb #b36507b6
@@ -281,7 +280,6 @@ def monitor_text(res:dict)->str:
 # %% ../nbs/07_monitor.ipynb #2100f53d
 def export_window(db, out_dir, since:float, until:float, stage:str=None, registry=None)->dict:
     "Copy a window of the log in `db` (predictions, refusals, host samples; the alerts open in it) and the served version's reference into `out_dir`"
-    from petpark.serve import LOG_SCHEMA
     out = Path(out_dir); shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
     have_log = log_exists(db); ver = served_version(db, since, until, stage) if have_log else None
     info = dict(since=since, until=until, stage=stage, version=ver, positive=None, photos=0)

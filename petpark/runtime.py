@@ -4,8 +4,7 @@
 
 # %% auto #0
 __all__ = ['FIX', 'Contract', 'decode_photo', 'BadInput', 'check_photo', 'onnx_session', 'load_inputs', 'predict_paths',
-           'onnx_predict', 'threshold_labels', 'unsure', 'blend_mirror', 'mirror_unsure', 'LoadedModel',
-           'load_registered', 'load_dir']
+           'onnx_predict', 'threshold_labels', 'unsure', 'blend_mirror', 'mirror_unsure', 'LoadedModel', 'load_dir']
 
 # %% ../nbs/71_runtime.ipynb #18239f02
 import io, json, warnings
@@ -152,13 +151,6 @@ class LoadedModel:
         return dict(version=self.version, hash=self.hash, variant=self.variant, classes=self.classes, positive=self.positive,
                     threshold=self.contract.threshold, mirror_margin=self.mirror_margin, backbone=self.meta.get('backbone'), git_commit=self.meta.get('git_commit'),
                     gate=self.meta.get('gate'))
-
-def load_registered(stage:str, registry=None, threads:int=0, spin:bool=True)->LoadedModel:
-    "The model the registry holds in `stage`, its files verified against their hashes (`threads`, `spin`: `onnx_session`'s)"
-    from petpark.registry import Registry
-    reg = registry or Registry()
-    got = reg.fetch(stage)
-    return LoadedModel(got['files'], got['version']['version'], got['version']['hash'], threads=threads, spin=spin)
 
 def load_dir(model_dir, variant:str=None, threads:int=0, spin:bool=True)->LoadedModel:
     "A model from a folder of packaged files (`serving.json` and the ONNX files it names); `variant` overrides the packaged choice"

@@ -21,6 +21,7 @@ from fastcore.imports import in_ipython
 from fastai.callback.wandb import WandbCallback
 from fastai.callback.channelslast import ChannelsLast
 from .core import *
+from .proc import run_tool
 from .ingest import hash_score
 from .model import LITE_STATS, RGBReader, get_model, save_model, predict_items, data_version, git_commit
 
@@ -220,8 +221,8 @@ def run_ranks(n:int, P:Params, **paths)->dict:
         job = Path(d)/'job.json'
         job.write_text(json.dumps(dict(params=asdict(P), **{k: str(proj_path(v)) for k, v in paths.items()})))
         cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', '-m', 'petpark.train', str(job)]
-        rc = subprocess.run(cmd, cwd=proj_root()).returncode
-    if rc: raise PetparkError(f'training on {n} torchrun processes failed (exit {rc}): see the ranks\' errors above, or set train_procs = 1')
+        ok = run_tool(*cmd, capture=False, check=False) is not None  # the ranks write to this terminal
+    if not ok: raise PetparkError(f'training on {n} torchrun processes failed: see the ranks\' errors above, or set train_procs = 1')
     return json.loads(proj_path(paths['metrics']).read_text())
 
 def rank_main(job:str):

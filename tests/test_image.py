@@ -3,7 +3,8 @@ on a free loopback port with a registered model mounted read-only at /model: pho
 no PyTorch inside, not root"""
 import json, os, shutil, subprocess, time
 import httpx, pytest
-from petpark.testing import free_port, lesson_registry
+from petpark.proc import free_port
+from petpark.testing import lesson_registry
 from conftest import ROOT, TEST_LAKE
 
 IMAGE, BASE = 'petpark-serve', 'petpark-base:bookworm'

@@ -9,7 +9,8 @@ from petpark.core import load_params, override
 from petpark.monitor import build_reference, save_reference, load_reference, monitor_window, monitor_stage
 from petpark.registry import Registry
 from petpark.runtime import load_dir
-from petpark.testing import Served, lesson_package
+from petpark.proc import Served
+from petpark.testing import lesson_package
 from conftest import ROOT, LAKE, venv_env
 
 P = override(load_params(), {'monitor.min_photos': 40, 'monitor.min_feedback': 20}).monitor

@@ -2,7 +2,7 @@
 import json, re, shutil, sqlite3, subprocess
 from pathlib import Path
 import httpx, pandas as pd, yaml
-from petpark.testing import Served
+from petpark.proc import Served
 from conftest import LAKE, sh, tree_digest
 
 def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):

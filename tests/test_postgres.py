@@ -26,7 +26,8 @@ import httpx, psutil
 from petpark.db import Db
 from petpark.govern import lineage
 from petpark.monitor import export_window, open_alerts
-from petpark.testing import Served, lesson_registry
+from petpark.proc import Served
+from petpark.testing import lesson_registry
 from conftest import TEST_LAKE, venv_env
 
 PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]

@@ -1,7 +1,8 @@
 "Release on real servers: pre-production tests (failing and passing), QA approval, promotion to prod, rollback, the camera, the serving benchmark"
 import json, os, shutil, sqlite3, subprocess, time
 import httpx, pytest, yaml
-from petpark.testing import Served, lesson_package, lesson_registry
+from petpark.proc import Served
+from petpark.testing import lesson_package, lesson_registry
 from conftest import ROOT, TEST_LAKE, venv_env
 
 

@@ -5,7 +5,7 @@ import json, logging, re, subprocess
 from pathlib import Path
 import boto3, pytest, yaml
 from moto.server import ThreadedMotoServer
-from petpark.testing import free_port
+from petpark.proc import free_port
 from conftest import dvc_outs, file_hashes, sh
 
 

@@ -2,7 +2,8 @@
 import os, signal, sqlite3, subprocess, sys, threading, time
 from pathlib import Path
 import httpx, pytest
-from petpark.testing import Served, lesson_registry
+from petpark.proc import Served
+from petpark.testing import lesson_registry
 from conftest import TEST_LAKE, venv_env
 
 LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
