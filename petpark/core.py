@@ -169,7 +169,7 @@ class PreprodParams:
 class MonitorParams:
     window_hours:float; min_photos:int; alpha:float; pca_dims:int; permutations:int; max_embeddings:int
     max_refused_share:float; max_share_shift:float; max_share_gap:float; min_feedback:int; min_accuracy:float; max_p99_ms:float
-    max_cpu_pct:float; max_mem_pct:float; max_disk_pct:float; max_temp_c:float
+    max_cpu_pct:float; max_mem_pct:float; max_disk_pct:float; max_temp_c:float; max_5xx_share:float
 
 @dataclass(frozen=True)
 class RetrainParams:
@@ -219,7 +219,7 @@ def md_table(df, floats:str='{:.2f}')->str:
 def write_report(out, md:str, data)->Path:
     "Write `md` to `out`.md and `data` as JSON to `out`.json (relative to the project root), making the folder; the .md path"
     out = proj_path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(data, indent=2, default=float))
+    out.with_suffix('.json').write_text(json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, 'item') else str(o)))  # numpy scalars as numbers
     out.with_suffix('.md').write_text(md)
     return out.with_suffix('.md')
 

@@ -147,7 +147,8 @@ LOG_SCHEMA = '''CREATE TABLE IF NOT EXISTS predictions(
   filename TEXT, format TEXT, width INT, height INT, brightness REAL, contrast REAL, saturation REAL, embedding BLOB,
   label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, PRIMARY KEY (request_id, item));
 CREATE TABLE IF NOT EXISTS refusals(time REAL, problem TEXT, status INT, filename TEXT, bytes INT, stage TEXT);
-CREATE TABLE IF NOT EXISTS host(time REAL, stage TEXT, cpu_pct REAL, mem_pct REAL, disk_pct REAL, temp_c REAL, rss_mb REAL)'''
+CREATE TABLE IF NOT EXISTS host(time REAL, stage TEXT, cpu_pct REAL, mem_pct REAL, disk_pct REAL, temp_c REAL, rss_mb REAL);
+CREATE TABLE IF NOT EXISTS responses(time REAL, stage TEXT, endpoint TEXT, status INT, n INT)'''
 _ADDED = {'predictions': ['stage TEXT', 'saturation REAL'], 'refusals': ['stage TEXT']}  # columns newer than a log may be
 
 class InferenceLog:
@@ -188,6 +189,13 @@ class InferenceLog:
         "Log one refused input: what was wrong with it, never its bytes (the monitors count refusals by problem)"
         with self.lock: self.db.execute('INSERT INTO refusals(time, problem, status, filename, bytes, stage) VALUES (?,?,?,?,?,?)',
                                         (time.time(), problem, status, filename, size, self.stage))
+
+    def responses(self, counts:dict):
+        "Log how many responses each (endpoint, status) got since the last call: every status, so that shares have their whole"
+        if not counts: return
+        now = time.time()
+        with self.lock, self.db.transaction():
+            self.db.executemany('INSERT INTO responses(time, stage, endpoint, status, n) VALUES (?,?,?,?,?)', [(now, self.stage, e, s, n) for (e, s), n in counts.items()])
 
     def host(self, facts:dict):
         "Log one sample of the host's telemetry (`host_facts`)"

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['status_table', 'test_share', 'fig_hist', 'dup_table', 'quarantine_table', 'sample_grid', 'review_metrics',
-           'eda_metrics', 'eda_stage']
+           'eda_metrics', 'eda_stage', 'petpark_eda']
 
 # %% ../nbs/02_eda.ipynb #37859bfc
 import json
@@ -13,6 +13,8 @@ import numpy as np, pandas as pd
 import plotly.express as px, plotly.io as pio
 from PIL import Image
 from .core import *
+from fastcore.script import call_parse, store_true
+from .proc import run_stage
 from .review import read_reviews, review_lake, review_queue
 
 # %% ../nbs/02_eda.ipynb #18db0b61
@@ -70,7 +72,7 @@ def eda_metrics(man:pd.DataFrame, review:dict=None)->dict:
                 per_class=per.round(2).to_dict(orient='index'), review=review or {})
 
 # %% ../nbs/02_eda.ipynb #8782aee7
-def eda_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', out_dir='artifacts/eda',
+def eda_stage(params:Params=None, manifest=MANIFEST, data_dir='data', out_dir='artifacts/eda',
               reviews='artifacts/ingest/reviews.csv', metrics='metrics/eda.json', cache_dir=None)->dict:
     "The EDA stage: the label review's suspects and queue (`out_dir`), headline counts and per-class statistics of the manifest (`metrics`)"
     P, man, out = params or load_params(), pd.read_csv(proj_path(manifest)), proj_path(out_dir)
@@ -81,3 +83,9 @@ def eda_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data
     out.mkdir(parents=True, exist_ok=True)
     sus.to_csv(out/'suspects.csv', index=False); queue.to_csv(out/'review_queue.csv', index=False)
     return write_metrics(metrics, eda_metrics(man, review_metrics(sus, queue, man)))
+
+# %% ../nbs/02_eda.ipynb #30c8f769
+@call_parse
+def petpark_eda(no_dvc:store_true=False): # call the stage function directly, outside DVC (no HTML report)
+    "The EDA stage: class balance, sizes, brightness, duplicates, quarantine, label review queue (`dvc repro eda`; report in reports/02_eda.html)"
+    run_stage('eda', no_dvc)

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['write_results', 'model_classes', 'photo_preds', 'as_labelled', 'score_photos', 'evaluate_stage', 'evaluate_folder',
-           'size_sweep', 'split_size_sweep', 'error_gallery']
+           'size_sweep', 'split_size_sweep', 'input_size_report', 'error_gallery', 'petpark_evaluate']
 
 # %% ../nbs/04_evaluate.ipynb #fb407e18
 import json, tempfile
@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 from .core import *
-from .judge import judge, review_words
+from fastcore.script import call_parse, store_true
+from .proc import run_stage
+from .judge import judge, review_words, wilson
 from .runtime import load_dir, predict_paths, threshold_labels
 
 # %% ../nbs/04_evaluate.ipynb #d8af14d6
@@ -66,7 +68,7 @@ def score_photos(rows:pd.DataFrame, root:Path, p:EvaluateParams, model_dir='mode
     return res
 
 # %% ../nbs/04_evaluate.ipynb #b71afe71
-def evaluate_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', model_dir='models',
+def evaluate_stage(params:Params=None, manifest=MANIFEST, data_dir='data', model_dir='models',
                    valid_preds='artifacts/train/valid_preds.csv', out_dir='artifacts/evaluate', metrics='metrics/evaluate.json')->dict:
     "The evaluate stage: the model judged on the manifest's test split with `params.yaml`'s `evaluate` limits; writes the metrics"
     P = params or load_params()
@@ -105,13 +107,29 @@ def size_sweep(rows:pd.DataFrame, root:Path, sizes:list, model_dir='models', pos
     return pd.DataFrame(out)
 
 # %% ../nbs/04_evaluate.ipynb #374f7390
-def split_size_sweep(sizes:list, params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', model_dir='models')->pd.DataFrame:
+def split_size_sweep(sizes:list, params:Params=None, manifest=MANIFEST, data_dir='data', model_dir='models')->pd.DataFrame:
     "`size_sweep` of the trained model on the train stage's validation photos, where a size may be chosen, and on the test split, for the record"
     from petpark.train import train_items
     P, man = params or load_params(), pd.read_csv(proj_path(manifest))
     splits = dict(validation=train_items(man, P.train.valid_frac, 0, P.base.seed).query('is_valid'), test=man[man.status == 'test'])
     return pd.concat([size_sweep(r, proj_path(data_dir), sizes, model_dir, P.evaluate.positive).assign(split=k) for k, r in splits.items()],
                      ignore_index=True)
+
+# %% ../nbs/04_evaluate.ipynb #27fed95d
+def input_size_report(out, table:pd.DataFrame)->int:
+    "`split_size_sweep`'s `table` as `out`.csv and `out`.md, with the size the validation photos' log loss picks (returned)"
+    out = proj_path(out); out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix('.csv'), index=False)
+    v = table[table.split == 'validation']
+    pick = int(v.img_size[v.log_loss.idxmin()])
+    ci = [' to '.join(f'{b:.2%}' for b in wilson(n - e, n)) for n, e in zip(table.n, table.errors)]
+    shown = table[['split', 'img_size', 'trained_at', 'n', 'errors']].assign(accuracy=[f'{a:.2%}' for a in table.accuracy], ci95=ci,
+                                                                               log_loss=[f'{l:.4f}' for l in table.log_loss])
+    out.with_suffix('.md').write_text(
+        '# Input size at inference (`petpark evaluate --sizes`)\n\nThe trained model fed photos at each size (centre crop, bilinear, '
+        'mirror TTA as trained): errors and accuracy at p(positive) >= 0.5 with the 95% Wilson interval, and log loss. '
+        f'**The validation photos pick {pick} px** (lowest log loss); the test split\'s rows are for the record, never for choosing.\n\n' + md_table(shown))
+    return pick
 
 # %% ../nbs/04_evaluate.ipynb #e671cbd3
 def error_gallery(preds:pd.DataFrame, root:Path, positive:str, t:float, n:int=12, size:int=128, cols:int=6)->Image.Image:
@@ -120,3 +138,31 @@ def error_gallery(preds:pd.DataFrame, root:Path, positive:str, t:float, n:int=12
     wrong = wrong.assign(conf=(wrong[f'p_{positive}'] - t).abs()).sort_values('conf', ascending=False).head(n)
     return photo_grid(list(wrong.path), root, size, cols,
                       [f'{l}: p({positive})={pp:.2f}' for l, pp in zip(wrong.label, wrong[f'p_{positive}'])])
+
+# %% ../nbs/04_evaluate.ipynb #a4d0cef9
+def _summary(res:dict)->str:
+    "A few lines a person reads: verdict, accuracy, per-class precision and recall, bias"
+    lines = [('PASS' if res['gate']['passed'] else 'FAIL: ' + '; '.join(res['gate']['reasons'])),
+                     f"accuracy {res['accuracy']:.2%} on {res['n']} photos (threshold {res['threshold']:.3f})"]
+    lines += [f"  {c}: precision {v['precision']:.2%}, recall {v['recall']:.2%}, {v['support']} photos" for c, v in res['per_class'].items()]
+    return '\n'.join(lines + ['bias: the model ' + res['bias']['statement'], review_words(res)])
+
+def _input_sizes(sizes:str, out='reports/input_sizes'):
+    try: ss = [int(s) for s in sizes.split(',')]
+    except ValueError: ss = []
+    if not ss or min(ss) < 32: raise PetparkError(f'--sizes {sizes}: give input sizes in pixels separated by commas, e.g. 260,288,320')
+    table = split_size_sweep(ss)
+    pick = input_size_report(out, table)
+    print(table.to_string(index=False)); print(f'validation picks {pick} px; written: {proj_path(out)}.md')
+
+@call_parse
+def petpark_evaluate(images:str=None, # a labelled folder (Cat/, Dog/) to score; default: the test split, via `dvc repro evaluate`
+                     model_dir:str='artifacts/package', # with --images: a packaged model (ONNX Runtime, the server's speed) or a trained one (`models`)
+                     variant:str='fp32', # with --images and a packaged model: fp32 (the learner's numbers) or int8
+                     out_dir:str=None, # with --images: where the report goes (default: reports/evaluate_<folder name>)
+                     sizes:str=None, # input sizes to feed the trained model (`models`), e.g. 260,288,320: its validation and test accuracy at each, to reports/input_sizes.md
+                     no_dvc:store_true=False): # without --images: call the stage function directly, outside DVC
+    "Score the trained model on the test split (the stage) or on a labelled folder of photos it has never seen, with the quality and bias gate"
+    if sizes: return _input_sizes(sizes)
+    if images is None: return run_stage('evaluate', no_dvc)
+    print(_summary(evaluate_folder(images, load_params(), model_dir, out_dir=out_dir, variant=variant)))

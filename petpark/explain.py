@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['explain_photos', 'overlay', 'explain_photo', 'attribution_stats', 'pick_photos', 'explain_sample', 'explain_stage',
-           'gallery', 'class_maps']
+           'gallery', 'class_maps', 'petpark_explain']
 
 # %% ../nbs/05_explain.ipynb #e685adc7
 from pathlib import Path
@@ -13,6 +13,9 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 from .core import *
+from typing import Annotated
+from fastcore.script import call_parse, store_true
+from .proc import run_stage
 from .model import torch_predict_fn
 from .runtime import load_inputs
 
@@ -117,3 +120,23 @@ def class_maps(sample:pd.DataFrame, svs, positive:str):
         ax.set_title(f'true {c}: mean map (red = {positive})', fontsize=8); ax.axis('off')
     fig.tight_layout()
     return fig
+
+# %% ../nbs/05_explain.ipynb #cc0b0bf8
+@call_parse
+def petpark_explain(image:Annotated[str, 'a photo file to explain; none: run the explain stage', {'opt': False, 'nargs': '?'}]=None,
+                    model_dir:str='models', # the trained model
+                    out:str=None, # where the figure goes (default: reports/explain_<photo name>.png)
+                    max_evals:int=300, # model calls (more: a finer map, slower)
+                    no_dvc:store_true=False): # without a photo: call the stage function directly, outside DVC
+    "Explain one photo (the model's answer and a SHAP map of the pixels that pushed it: red dog, blue cat), or run the explain stage"
+    if image is None: return run_stage('explain', no_dvc)
+    p = Path(image)
+    if not p.is_file(): raise PetparkError(f'no photo at {p}: pass the path of an image file')
+    try: im = open_rgb(p)
+    except Exception as e: raise PetparkError(f'{p} is not a readable image ({type(e).__name__}): pass a JPEG or PNG photo')
+    predict, meta = torch_predict_fn(model_dir)
+    r = explain_photo(predict, model_input(im, meta['img_size']), meta['classes'], load_params().evaluate.positive, max_evals)
+    dest = proj_path(out or f'reports/explain_{p.stem}.png'); dest.parent.mkdir(parents=True, exist_ok=True)
+    r['figure'].savefig(dest, dpi=120)
+    print(f"{r['label']} ({max(r['probs'].values()):.1%}); {r['centre_share']:.0%} of the evidence for it lies in the "
+          f"central half of the photo; map: {dest}")

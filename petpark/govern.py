@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['GOVERN_SCHEMA', 'EXT', 'new_labels', 'hold', 'review', 'write_batch', 'mark_batch', 'retrain', 'lineage',
-           'lineage_text']
+           'lineage_text', 'petpark_retrain', 'petpark_lineage']
 
 # %% ../nbs/83_govern.ipynb #53baf2c1
-import json, os, shutil, sqlite3, tempfile, time
+import json, os, shutil, tempfile, time
 from pathlib import Path
 import pandas as pd, yaml
 from .core import *
+from fastcore.script import call_parse, store_true
 from .registry import Registry
 from .db import Db, PhotoStore, log_exists, log_url, photo_store, safe_url
 from .proc import Served, run_tool
@@ -186,3 +187,27 @@ def lineage_text(l:dict)->str:
              f"params at that commit: " + (', '.join(f"{k}.{kk}={vv}" for k in ('train',) for kk, vv in (l['params'] or {}).get(k, {}).items() if not isinstance(vv, dict))
                                           if l['params'] else 'unknown (commit not in this repository)')]
     return '\n'.join(lines)
+
+# %% ../nbs/83_govern.ipynb #bf038800
+@call_parse
+def petpark_retrain(held:store_true=False, # list the labels held for review, retrain nothing
+                    confirm:str=None, # a held label's photo sha256 (a prefix will do): train on it after all
+                    reject:str=None, # a held label's photo sha256: never train on it
+                    db_url:str=None, # the inference log (default: the db_url setting)
+                    by:str=None): # who acts (default: PETPARK_USER, else the login name)
+    "Retrain on staff feedback: a new lake batch, data.dvc pinned, dvc repro, staging, pre-production test; then it waits for QA"
+    db = log_url(db_url)
+    if held:
+        h = new_labels(db, load_params().retrain.hold_confidence)[1]
+        return print(h[['input_sha256', 'label', 'predicted', 'confidence', 'request_id']].to_string(index=False) if len(h) else 'no labels are held for review')
+    if confirm or reject: return print(review(db, confirm or reject, 'confirmed' if confirm else 'rejected', by))
+    res = retrain(db, by=by)
+    print(f"{res['version']} is in staging, " + ('passed pre-production and awaits QA approval' if res['preprod_passed'] else 'FAILED pre-production') + f"\nnext: {res['next']}")
+
+@call_parse
+def petpark_lineage(request_id:str, # the request_id of a /predict answer (it is in the inference log)
+                    db_url:str=None, # the inference log (default: the db_url setting)
+                    as_json:store_true=False): # print it as JSON
+    "Walk one prediction back to its model version, registry record and approvals, training run, git commit, data version, manifest and params"
+    l = lineage(request_id, db_url)
+    print(json.dumps(l, indent=2, default=str) if as_json else lineage_text(l))

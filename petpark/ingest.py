@@ -6,7 +6,7 @@
 __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'DASK_CONNECT_S', 'ENGINES', 'MANIFEST_COLS', 'is_litter', 'walk_lake', 'phash',
            'hamming', 'analyse', 'scan_file', 'dask_client', 'scan', 'load_rows', 'classify', 'group_near_dups',
            'quarantine_group_conflicts', 'hash_score', 'read_ledger', 'assign_splits', 'write_ledger', 'apply_reviews',
-           'drop_reviewed', 'write_manifest', 'ingest_metrics', 'ingest_lake', 'ingest_stage']
+           'drop_reviewed', 'write_manifest', 'ingest_metrics', 'ingest_lake', 'ingest_stage', 'petpark_ingest']
 
 # %% ../nbs/01_ingest.ipynb #aeeb1b14
 import csv, itertools, json, os, sqlite3, time
@@ -19,6 +19,8 @@ from scipy.fft import dctn
 from fastcore.basics import chunked
 from tqdm.auto import tqdm
 from .core import *
+from fastcore.script import call_parse, store_true
+from .proc import run_stage
 from .runtime import decode_photo
 
 # %% ../nbs/01_ingest.ipynb #bdba42e7
@@ -352,3 +354,9 @@ def ingest_stage(params:Params=None, data_dir='data', out_dir='artifacts/ingest'
     "The ingest stage: the manifest and split ledger of the lake snapshot `data_dir`, with `params.yaml`'s `ingest` knobs; writes the metrics"
     P = params or load_params()
     return write_metrics(metrics, ingest_lake(proj_path(data_dir), proj_path(out_dir), P.ingest, cache_dir))
+
+# %% ../nbs/01_ingest.ipynb #f735da67
+@call_parse
+def petpark_ingest(no_dvc:store_true=False): # call the stage function directly, outside DVC (outputs not tracked)
+    "Validate, de-duplicate and split the lake snapshot into `artifacts/ingest/` (`dvc repro ingest`); prints the counts"
+    run_stage('ingest', no_dvc)

@@ -60,7 +60,7 @@ def data_version(root=None)->dict:
     "The lake snapshot's hash from `data.dvc` and the manifest's content hash"
     r, out = proj_root(root), {}
     if (md5 := data_dvc_md5(r)): out['data_dvc_md5'] = md5
-    man = r/'artifacts/ingest/manifest.csv'
+    man = r/MANIFEST
     if man.exists(): out['manifest_sha256'] = sha256_bytes(man.read_bytes())
     return out
 

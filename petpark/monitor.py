@@ -5,18 +5,19 @@
 # %% auto #0
 __all__ = ['GRAY', 'DRIFT_ACTION', 'ALERTS_SCHEMA', 'build_reference', 'save_reference', 'load_reference', 'read_window',
            'mmd_test', 'pca_fit', 'holm', 'bbse_share', 'drift_checks', 'prediction_checks', 'model_checks',
-           'telemetry_checks', 'host_check', 'post_webhook', 'update_alerts', 'monitor_window', 'served_version',
-           'served_reference', 'run_monitor', 'monitor_text', 'export_window', 'open_alerts', 'monitor_stage',
-           'fig_window']
+           'telemetry_checks', 'host_check', 'read_responses', 'server_error_check', 'post_webhook', 'update_alerts',
+           'monitor_window', 'served_version', 'served_reference', 'run_monitor', 'monitor_text', 'petpark_monitor',
+           'export_window', 'open_alerts', 'monitor_stage', 'fig_window']
 
 # %% ../nbs/07_monitor.ipynb #f4cb3b7d
-import json, shutil, sqlite3, time
+import json, shutil, time
 from pathlib import Path
 import numpy as np, pandas as pd
 from scipy import stats
 from .core import *
+from fastcore.script import call_parse, store_true
 from .runtime import LoadedModel, decode_photo, onnx_predict
-from .db import Db, HOST_FACTS, LOG_SCHEMA, log_exists
+from .db import Db, HOST_FACTS, LOG_SCHEMA, log_exists, log_url, read_frame, safe_url
 from .judge import share_words, wilson
 
 # %% ../nbs/07_monitor.ipynb #b36507b6
@@ -206,6 +207,23 @@ def host_check(host:pd.DataFrame, p:MonitorParams)->dict:
                 (f" ({', '.join(over)} over)" if over else ''), 'host', {k: None if pd.isna(v) else round(float(v), 2) for k, v in fig.items()}, lim,
                 severity='warning', action='free disk space or add memory; check the fan and the room' if over else None)
 
+def read_responses(db, since:float, until:float, stage:str=None)->pd.DataFrame:
+    "Responses by endpoint and HTTP status that the servers of `stage` (default: all) counted from `since` to `until`, summed in the database"
+    st, args = (' AND stage = ?', (since, until, stage)) if stage else ('', (since, until))
+    return read_frame(db, f'SELECT endpoint, status, SUM(n) n FROM responses WHERE time >= ? AND time < ?{st} GROUP BY endpoint, status ORDER BY status', args)
+
+def server_error_check(responses:pd.DataFrame, p:MonitorParams)->dict:
+    "The share of `/predict` requests answered with a 5xx (503: shed at capacity or no model loaded; 500: a fault), against `max_5xx_share`"
+    r = responses[responses.endpoint == '/predict'] if len(responses) else responses
+    total = int(r.n.sum()) if len(r) else 0
+    if not total: return _chk('server errors', 'n/a', 'no /predict responses counted in the window (the server writes its counts every host_every_s seconds)')
+    bad = r[r.status >= 500]
+    share, by = bad.n.sum()/total, ', '.join(f'{int(s)}: {int(n)}' for s, n in zip(bad.status, bad.n)) or 'none'
+    over = share > p.max_5xx_share
+    return _chk('server errors', 'alert' if over else 'ok', f'{share:.1%} of {total} /predict requests answered 5xx ({by}); alert above {p.max_5xx_share:.0%}',
+                '5xx share', round(float(share), 6), p.max_5xx_share, severity='warning',
+                action='503s: the server sheds load at serve_max_queue, so add a server or lower the camera rate; 500s: read the server\'s log' if over else None)
+
 # %% ../nbs/07_monitor.ipynb #1d802b27
 ALERTS_SCHEMA = '''CREATE TABLE IF NOT EXISTS alerts(id INTEGER PRIMARY KEY, check_name TEXT, severity TEXT, opened REAL,
   last_seen REAL, closed REAL, words TEXT, evidence TEXT, action TEXT)'''
@@ -241,7 +259,7 @@ def monitor_window(db, reference:dict, positive:str, since:float, until:float, p
     "Every check on the log window from `since` to `until` (of the servers of `stage`; default: all), against `reference`"
     df, emb, refused, host = read_window(db, since, until, p.max_embeddings, stage=stage)
     drift = drift_checks(df, emb, reference, positive, p)
-    return [*telemetry_checks(df, refused, host, since, until, p), *drift,
+    return [*telemetry_checks(df, refused, host, since, until, p), server_error_check(read_responses(db, since, until, stage), p), *drift,
             *prediction_checks(df, reference, positive, p, drifted=any(c['verdict'] == 'alert' for c in drift)), *model_checks(df, positive, p)]
 
 def served_version(db, since:float, until:float, stage:str=None)->str|None:
@@ -277,9 +295,37 @@ def monitor_text(res:dict)->str:
     lines += [f"still open: {x['check']}" for x in a['open']] + [f"cleared: {x}" for x in a['closed']]
     return '\n'.join(lines)
 
+# %% ../nbs/07_monitor.ipynb #a1dc2c9f
+def _when(s:str, name:str)->float:
+    "Epoch seconds of an ISO date or date-time `s` (local time)"
+    from datetime import datetime
+    try: return datetime.fromisoformat(s).timestamp()
+    except ValueError: raise PetparkError(f'--{name} {s!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM') from None
+
+@call_parse
+def petpark_monitor(since:str=None, # window start, YYYY-MM-DD[THH:MM] (default: --last hours before --until)
+                    until:str=None, # window end (default: now)
+                    last:float=None, # window length in hours (default: params.yaml monitor.window_hours)
+                    stage:str='prod', # the servers whose log is checked: prod, staging, or all
+                    db_url:str=None, # the inference log (default: the db_url setting)
+                    export:str=None, # write the window (log rows, served version's reference) to this folder for the DVC stage, check nothing
+                    as_json:store_true=False): # print the checks and alerts as JSON instead of words
+    "Check production: integrity, data drift, prediction drift and bias, model drift from feedback, telemetry; store and post alerts"
+    P, s = load_params(), get_settings()
+    end = _when(until, 'until') if until else time.time()
+    start = _when(since, 'since') if since else end - 3600*(last or P.monitor.window_hours)
+    if stage not in ('prod', 'staging', 'all'): raise PetparkError(f'--stage {stage!r}: use prod, staging or all')
+    st, db = None if stage == 'all' else stage, log_url(db_url)
+    if export:
+        info = export_window(db, proj_path(export), start, end, st)
+        return print(f"{export}: {info['photos']} photos served by {info['version'] or 'no version'} on {stage} servers" + ('' if log_exists(db) else f' (no inference log at {safe_url(db)} yet)'))
+    if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)}: serve first (`petpark serve`) or pass --db-url')
+    res = run_monitor(db, start, end, P.monitor, s.alert_webhook, stage=st)
+    print(json.dumps(res, indent=2, default=str) if as_json else monitor_text(res))
+
 # %% ../nbs/07_monitor.ipynb #2100f53d
 def export_window(db, out_dir, since:float, until:float, stage:str=None, registry=None)->dict:
-    "Copy a window of the log in `db` (predictions, refusals, host samples; the alerts open in it) and the served version's reference into `out_dir`"
+    "Copy a window of the log in `db` (predictions, refusals, host samples, response counts; the alerts open in it) and the served version's reference into `out_dir`"
     out = Path(out_dir); shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
     have_log = log_exists(db); ver = served_version(db, since, until, stage) if have_log else None
     info = dict(since=since, until=until, stage=stage, version=ver, positive=None, photos=0)
@@ -287,7 +333,7 @@ def export_window(db, out_dir, since:float, until:float, stage:str=None, registr
         dst.script(LOG_SCHEMA); dst.execute(ALERTS_SCHEMA)
         if have_log:
             with Db(db, readonly=True) as src:  # the live log, read-only: SQLite or PostgreSQL
-                for t in ['predictions', 'refusals', 'host', 'alerts']:
+                for t in ['predictions', 'refusals', 'host', 'responses', 'alerts']:
                     have = set(src.columns(t))
                     if not have: continue
                     cols = ','.join(c for c in dst.columns(t) if c in have)

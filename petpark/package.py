@@ -5,13 +5,15 @@
 # %% auto #0
 __all__ = ['export_onnx', 'check_parity', 'require_parity', 'float_convs', 'quantize_int8', 'serving_meta', 'mirror_probs',
            'with_mirror', 'mirror_accuracy', 'choose_mirror', 'choose_variant', 'model_card', 'card_html',
-           'package_stage']
+           'package_stage', 'petpark_package']
 
 # %% ../nbs/06_package.ipynb #9db9349c
 import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
 from .core import *
+from fastcore.script import call_parse, store_true
+from .proc import run_stage
 from .judge import check_gate, review_words
 from .model import load_served
 from .registry import Registry, file_hashes
@@ -212,7 +214,7 @@ def card_html(card)->str:
             'td,th{border:1px solid #ccc;padding:.2em .6em}</style></head><body>' + mistune.html(card.text) + '</body></html>')
 
 # %% ../nbs/06_package.ipynb #4ebd7cf1
-def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', data_dir='data', model_dir='models',
+def package_stage(params:Params=None, manifest=MANIFEST, data_dir='data', model_dir='models',
                   eval_metrics='metrics/evaluate.json', explain_metrics='metrics/explain.json', out_dir='artifacts/package',
                   metrics='metrics/package.json', report_dir='reports', valid_preds='artifacts/train/valid_preds.csv')->dict:
     "Gate check, ONNX export, parity, int8, the mirror margin, test accuracy of both, `serving.json`, the monitors' reference, model card, registration"
@@ -262,3 +264,9 @@ def package_stage(params:Params=None, manifest='artifacts/ingest/manifest.csv', 
     shutil.copy(out/'model_card.md', rd/'06_package_card.md')
     (rd/'06_package_card.html').write_text(card_html(card))
     return write_metrics(metrics, res)
+
+# %% ../nbs/06_package.ipynb #d2f48304
+@call_parse
+def petpark_package(no_dvc:store_true=False): # call the stage function directly, outside DVC (outputs not tracked)
+    "Export, check, quantise, document and register the trained model (`dvc repro package`; refuses a failed gate)"
+    run_stage('package', no_dvc)

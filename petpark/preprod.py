@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['REPORT_CSS', 'labelled_photos', 'test_split_photos', 'api_info', 'post_photos', 'predict_photos', 'load_test',
            'png_bomb', 'hostile_inputs', 'check_smoke', 'check_consistency', 'check_quality', 'check_hostile',
-           'check_load', 'run_preprod', 'report_html', 'write_report', 'camera']
+           'check_load', 'run_preprod', 'report_html', 'write_preprod_report', 'camera', 'petpark_preprod_test',
+           'petpark_camera']
 
 # %% ../nbs/82_preprod.ipynb #b7ed3329
 import html, io, json, os, random, struct, threading, time, zlib
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx, numpy as np, pandas as pd
 from PIL import Image
 from .core import *
+from fastcore.script import call_parse, store_true
 from .ingest import walk_lake, is_litter
 from .judge import quality, bias, gate
 
@@ -31,7 +33,7 @@ def labelled_photos(images, classes=('Cat', 'Dog'), per_class:int=0)->list:
     if not out: raise PetparkError(f"no photos in {root}: put them in {', '.join(c + '/' for c in classes)} subfolders")
     return out
 
-def test_split_photos(per_class:int, manifest='artifacts/ingest/manifest.csv', data='data')->list:
+def test_split_photos(per_class:int, manifest=MANIFEST, data='data')->list:
     "`(path, label)` for the first `per_class` photos of each class in the lake snapshot's test split"
     m = proj_path(manifest)
     if not m.exists(): raise PetparkError(f'no manifest at {m}: run `dvc repro ingest`, or pass --images DIR')
@@ -250,7 +252,7 @@ def report_html(res:dict)->str:
             f"<h2>Hostile inputs</h2>{_rows(by['hostile inputs']['cases'])}"
             f"<h2>Load</h2>{_rows([by['load']['load']])}</body></html>")
 
-def write_report(res:dict, out)->Path:
+def write_preprod_report(res:dict, out)->Path:
     "The report as `out`.json and `out`.html; returns the HTML path"
     out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix('.json').write_text(json.dumps(res, indent=2, default=str))
@@ -296,3 +298,42 @@ def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedba
                 tally['feedback'] += 1
     tally['seconds'] = round(time.perf_counter() - t0, 2)
     return tally
+
+# %% ../nbs/82_preprod.ipynb #8eab3e35
+def _api_url(url:str=None)->str:
+    "`url` without its trailing slash, else the API the settings name (`serve_host`, `serve_port`)"
+    s = get_settings()
+    return (url or f"http://{s.serve_host}:{s.serve_port}").rstrip('/')
+
+@call_parse
+def petpark_preprod_test(stage:str='staging', # the registry stage whose live server is tested
+                                 url:str=None, # the server (default: http://serve_host:serve_port from the settings)
+                                 images:str=None, # a labelled folder (Cat/, Dog/); default: the lake snapshot's test split
+                                 per_class:int=None, # photos per class (default: params.yaml preprod.photos_per_class)
+                                 out:str=None, # report path, written as .html and .json (default: reports/preprod_<version>)
+                                 by:str=None): # who runs it (default: PETPARK_USER, else the login name)
+    "Pre-production tests against a live server: smoke, consistency, accuracy, fairness, hostile inputs, load; verdict to the registry"
+    from petpark.registry import Registry  # the registry, not the other way round: it never needs preprod
+    reg, P = Registry(), load_params()
+    n = per_class or P.preprod.photos_per_class
+    v = reg.resolve(stage)['version']
+    items = labelled_photos(images, P.ingest.classes, n) if images else test_split_photos(n)
+    res = run_preprod(_api_url(url), items, P.preprod, P.evaluate, expect_version=v)
+    res['by'] = user_name(by)
+    page = write_preprod_report(res, proj_path(out or f'reports/preprod_{v}'))
+    reg.record_preprod(v, res['passed'], res['failed'], os.path.relpath(page, proj_root()), res['url'], by)
+    print('\n'.join(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['detail']}" for c in res['checks']))
+    if not res['passed']: raise PetparkError(f"{v} FAILED pre-production ({', '.join(res['failed'])}); report: {page}")
+    print(f'{v} passed pre-production; report: {page}\nnext: petpark registry approve {v} --note "..."')
+
+@call_parse
+def petpark_camera(images:str, # a folder of photos (Cat/ and Dog/ subfolders let --feedback post true labels)
+                   rate:float=2.0, # photos per second
+                   count:int=0, # stop after this many (0: when the folder is done)
+                   loop:store_true=False, # start the folder again when it is done
+                   feedback:float=0.0, # share of labelled photos whose true label is posted to /feedback, as staff would
+                   url:str=None, # the API (default: http://serve_host:serve_port from the settings)
+                   quiet:store_true=False): # print only the summary
+    "Stream photos to the API as the park's CCTV camera would, at a fixed rate; prints each answer"
+    res = camera(_api_url(url), images, rate, count, loop, feedback, say=(lambda m: None) if quiet else print)
+    print(json.dumps(res))

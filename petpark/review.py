@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['REVIEW_COLS', 'DECISIONS', 'IMAGENET', 'check_review', 'read_reviews', 'add_review', 'feature_cache',
-           'frozen_features', 'fold_of', 'oof_probs', 'find_suspects', 'review_lake', 'review_queue', 'queue_gallery']
+           'frozen_features', 'fold_of', 'oof_probs', 'find_suspects', 'review_lake', 'review_queue', 'queue_gallery',
+           'petpark_review']
 
 # %% ../nbs/73_review.ipynb #bb6f84b2
 import csv, datetime
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from tqdm.auto import tqdm
 from .core import *
+from typing import Annotated
+from fastcore.script import call_parse, store_true
 
 # %% ../nbs/73_review.ipynb #103d2ae0
 REVIEW_COLS = ['sha256', 'path', 'decision', 'label', 'by', 'date', 'why']
@@ -136,3 +139,29 @@ def queue_gallery(queue:pd.DataFrame, data_dir:Path, n:int=48, size:int=128, col
     q = queue.head(n)
     if q.empty: return None
     return photo_grid(list(q.path), data_dir, size, cols, [f'{x}: {r} -> {s}'.replace('label_issue', 'label?') for x, r, s in zip(q.path, q.reason, q.suggest)])
+
+# %% ../nbs/73_review.ipynb #78ee4bc4
+@call_parse
+def petpark_review(photo:Annotated[str, "a photo's path in the lake (as the queue names it) or its sha256; none: list the queue", {'opt': False, 'nargs': '?'}]=None,
+                           relabel:str=None, # the photo's right label (one of the classes)
+                   drop:store_true=False, # the photo is unusable (no animal, both a cat and a dog, ...)
+                   keep:store_true=False, # the label is right
+                   why:str=None, # why, in words: required with a decision
+                   by:str=None, # who decides (default: PETPARK_USER, else the login name)
+                   n:int=20): # without a photo: how many of the queue to list
+    "Decide a label suspect from the EDA stage's review queue (recorded in artifacts/ingest/reviews.csv; the next `dvc repro` applies it), or list the queue"
+    P, q, decided = load_params(), proj_path('artifacts/eda/review_queue.csv'), proj_path('artifacts/ingest/reviews.csv')
+    if photo is None:
+        if not q.exists(): raise PetparkError(f'no review queue at {q}: run `dvc repro eda`')
+        d = review_queue(pd.read_csv(q), read_reviews(decided, list(P.ingest.classes)))  # less what was decided since the EDA stage ran
+        print(f'{len(d)} photos to review (most suspect first; the EDA report shows them):')
+        return print('\n'.join(f'  {r.path}  {r.reason} -> {r.suggest}  (p(label) {r.p_label:.3f}, animal mass {r.animal_mass:.2f})' for r in d.head(n).itertuples()))
+    if sum([relabel is not None, drop, keep]) != 1: raise PetparkError('decide one of --relabel LABEL, --drop or --keep')
+    if not why: raise PetparkError('say why: --why "..."')
+    man = pd.read_csv(proj_path(MANIFEST), usecols=['path', 'sha256'])
+    hit = man[(man.path == photo) | (man.sha256 == photo)]
+    if hit.empty: raise PetparkError(f'{photo!r} is not a photo of the lake snapshot: pass its path as the queue shows it (e.g. Cat/123.jpg) or its sha256')
+    r = add_review(decided, hit.sha256.iloc[0], hit.path.iloc[0], 'relabel' if relabel else 'drop' if drop else 'keep',
+                           list(P.ingest.classes), user_name(by), why, label=relabel or '')
+    print(f"{r['path']}: {r['decision']}{' to ' + r['label'] if r['label'] else ''} by {r['by']}, recorded in artifacts/ingest/reviews.csv; "
+          "commit it, and `dvc repro` applies it")

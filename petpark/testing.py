@@ -7,18 +7,19 @@ __all__ = ['TEST_LAKE', 'TINY', 'LENIENT', 'tiny_params', 'lesson_model', 'lesso
            'find_wandb_runs', 'trim_outputs']
 
 # %% ../nbs/91_testing.ipynb #3a11d961
-import json, os, struct, tempfile
+import json, os, struct
 from pathlib import Path
-import httpx, pandas as pd
+import pandas as pd
+from fastcore.xtras import modified_env
 from .core import *
 
 # %% ../nbs/91_testing.ipynb #9ed33595
-TEST_LAKE = 'tests/lake'
+TEST_LAKE = proj_root()/'tests/lake'  # absolute: lessons run from nbs/, tests from the root, papermill from a copy
 
 TINY = {'ingest.workers': 1, 'train.backbone': 'efficientnet_lite0', 'train.img_size': 64, 'train.bs': 8,
         'train.max_train': 60, 'train.final_epochs': 0, 'train.search.lrs': [0.003], 'train.search.subset': 16, 'train.search.img_size': 64,
         'explain.right_per_class': 1, 'explain.wrong_per_class': 1, 'explain.max_evals': 50,
-        'package.parity_images': 16, 'package.calib_images': 16}
+        'package.parity_images': 16, 'package.calib_images': 16, 'package.reference_images': 20}
 LENIENT = {'evaluate.min_accuracy': 0.0, 'evaluate.min_class_recall': 0.0, 'evaluate.max_recall_gap': 1.0,
            'evaluate.max_share_gap': 10.0}
 
@@ -35,11 +36,8 @@ def lesson_model(out_dir, img_size:int=64, tta:bool=True)->Path:
     items = pd.DataFrame(dict(path=[f'{l}/{i}.jpg' for l in ['Cat', 'Dog'] for i in range(1, 13)],
                               label=[l for l in ['Cat', 'Dog'] for _ in range(12)], is_valid=[i % 4 == 0 for i in range(24)]))
     p = tiny_params(train__img_size=img_size, train__bs=4, train__freeze_epochs=1, train__epochs=1, train__tta=tta).train
-    old = os.environ.get('PETPARK_WANDB_MODE'); os.environ['PETPARK_WANDB_MODE'] = 'disabled'  # a lesson's fit is no experiment:
-    try: learn, _, _ = fine_tune_model(items, lake, p, 1e-3, seed=42)                         # it leaves no W&B run in the site's records
-    finally:
-        if old is None: del os.environ['PETPARK_WANDB_MODE']
-        else: os.environ['PETPARK_WANDB_MODE'] = old
+    with modified_env(PETPARK_WANDB_MODE='disabled'):  # a lesson's fit is no experiment: it leaves no W&B run in the site's records
+        learn, _, _ = fine_tune_model(items, lake, p, 1e-3, seed=42)
     save_model(learn, out/'models', img_size, p.backbone, dict(tta=tta))
     predict_items(learn, items[items.is_valid], lake, tta=tta).to_csv(out/'valid_preds.csv', index=False)
     return out

@@ -2,10 +2,10 @@ import hashlib, json, os, shutil, subprocess, sys
 from pathlib import Path
 from types import SimpleNamespace
 import pytest, yaml
+from petpark.testing import TEST_LAKE, TINY, LENIENT  # defined once, for lessons and tests alike
 
 ROOT = Path(__file__).resolve().parents[1]
 LAKE = (ROOT/'../shared/data/petpark-lake').resolve()
-TEST_LAKE = ROOT/'tests/lake'
 
 
 def tree_digest(root: Path) -> dict:
@@ -34,16 +34,17 @@ def venv_env(**extra)->dict:
 def env(): return venv_env()
 
 
+@pytest.fixture(scope='session', autouse=True)
+def wandb_offline(tmp_path_factory):
+    "W&B offline for every test, its records in the session's temporary folder (a test that reads them sets its own WANDB_DIR)"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('WANDB_MODE', 'offline'); mp.setenv('WANDB_DIR', str(tmp_path_factory.mktemp('wandb')))
+        yield
 
-# a tiny training budget, set through params as a user would (real fastai, minutes become seconds)
-TINY = {'train.img_size': 64, 'train.bs': 16, 'train.max_train': 60, 'train.search.lrs': [0.003],
-        'train.search.subset': 20, 'train.search.img_size': 64,
-        'explain.right_per_class': 1, 'explain.wrong_per_class': 1, 'explain.max_evals': 50,
-        'package.parity_images': 16, 'package.calib_images': 16, 'package.reference_images': 20,
-        'retrain.hold_confidence': 0.5}  # a tiny model is never sure: every label that contradicts it is held
-# gate limits a tiny model can meet, so that the pipeline runs on through packaging
-LENIENT = {'evaluate.min_accuracy': 0.0, 'evaluate.min_class_recall': 0.0, 'evaluate.max_recall_gap': 1.0,
-           'evaluate.max_share_gap': 10.0}
+
+def petpark(*args, env, cwd=ROOT) -> subprocess.CompletedProcess:
+    "The `petpark` command run as a user runs it, in `cwd` with `env`; its exit code and output"
+    return subprocess.run(['petpark', *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def set_params(path: Path, **dotted):
@@ -95,7 +96,7 @@ def tiny_pipeline(tmp_path_factory):
     env = venv_env(); env.pop('WANDB_DIR', None)
     env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp/'cache'), WANDB_MODE='offline',
                GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
-    set_params(repo/'params.yaml', **TINY)
+    set_params(repo/'params.yaml', **TINY, **{'retrain.hold_confidence': 0.5})  # a tiny model is never sure: every label that contradicts it is held
     (repo/'artifacts/ingest/reviews.csv').write_text('sha256,path,decision,label,by,date,why\n')  # this lake's review has not begun
     sh('git init -q && git add -A && git commit -qm base', repo, env)
     data = sh('petpark data', repo, env)

@@ -1,7 +1,6 @@
 """One optimiser step of the real learner on a fixed batch of 16 test-lake photos, in this process or in each torchrun rank.
 `python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_step.py OUT` writes rank 0's weights after the step to OUT."""
 import sys
-from pathlib import Path
 import pandas as pd, torch
 from fastai.vision.all import Callback, DataLoader, DataLoaders, TrainEvalCallback, set_seed, rank_distrib, num_distrib
 from petpark.core import proj_path

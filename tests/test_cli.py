@@ -1,10 +1,5 @@
 "The `petpark` command: help, and one clear line (no traceback) for a problem the user can fix"
-import subprocess
-from conftest import ROOT
-
-
-def petpark(*args, env):
-    return subprocess.run(['petpark', *args], cwd=ROOT, env=env, capture_output=True, text=True)
+from conftest import petpark
 
 
 def test_missing_lake_is_one_clear_line(env, tmp_path):

@@ -5,7 +5,7 @@ from petpark.dashboard import DASHBOARDS, Dashboard, browser, demo_site, open_pa
 from conftest import venv_env
 
 playwright = pytest.importorskip('playwright.sync_api')
-# A page shows one widget (see "One widget a page" in nbs/94_dashboard.ipynb): with several, ipywidgets 8.1.9 sometimes
+# A page shows one widget (see "One widget a page" in nbs/95_dashboard.ipynb): with several, ipywidgets 8.1.9 sometimes
 # failed to draw one ("widget model not found" in the console) while another drew its charts.
 browser_test = pytest.mark.skipif(not os.path.exists(os.environ.get('PETPARK_CHROMIUM', '/usr/bin/chromium')),
                                   reason='no Chromium (/usr/bin/chromium or PETPARK_CHROMIUM)')
@@ -155,16 +155,16 @@ def run_pages(env:dict, after:dict)->dict:
 def test_every_page_runs_on_a_site_and_follows_its_controls(site):
     "Without a browser: each dashboard runs on the demo site with no error; picking a version, a server group or a request id updates what is shown"
     nbs = {nb: '' for nb, *_ in DASHBOARDS.values()}
-    nbs['95_dash_model.ipynb'] = '''pick = widgets_of(W.Dropdown, description='Version')[0]
+    nbs['96_dash_model.ipynb'] = '''pick = widgets_of(W.Dropdown, description='Version')[0]
 acc = lambda: [w.value for w in widgets_of(W.HTML) if 'pp-accuracy' in str(w.value)][0].split('pp-accuracy">')[1].split('<')[0]
 rec['acc'] = [acc()]; pick.value = 'v2'; rec['acc'].append(acc())'''
-    nbs['96_dash_monitoring.ipynb'] = '''rec['boxes'] = alerts.value.count('pp-box'); rec['photos'] = alerts.value.count('<img')
+    nbs['97_dash_monitoring.ipynb'] = '''rec['boxes'] = alerts.value.count('pp-box'); rec['photos'] = alerts.value.count('<img')
 widgets_of(W.ToggleButtons)[0].value = 'staging'; rec['staging'] = texts()'''
-    nbs['97_dash_registry.ipynb'] = '''box.value = f'{7:032x}'; find.click(); rec['lineage'] = answer.value
+    nbs['98_dash_registry.ipynb'] = '''box.value = f'{7:032x}'; find.click(); rec['lineage'] = answer.value
 box.value = 'nope'; find.click(); rec['nope'] = answer.value'''
     res = run_pages(site[1], nbs)
     assert all(v['errors'] == 0 for v in res.values()), res
-    m, mon, reg = res['95_dash_model.ipynb'], res['96_dash_monitoring.ipynb'], res['97_dash_registry.ipynb']
+    m, mon, reg = res['96_dash_model.ipynb'], res['97_dash_monitoring.ipynb'], res['98_dash_registry.ipynb']
     assert m['acc'] == ['91.25%', '95.25%']  # v1, the prod version, by default; then v2
     assert mon['boxes'] == 2 and mon['photos'] == 4 and ' photos in ' in mon['text'] and '<b>0</b> photos in' in mon['staging']
     assert f'request {7:032x}' in reg['lineage'] and 'model v1' in reg['lineage'] and 'data: lake snapshot' in reg['lineage']

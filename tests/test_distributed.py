@@ -55,7 +55,6 @@ def test_bench_scale_measures_ingest_training_and_serving_at_one_and_two_workers
     "`petpark bench scale`'s run at tiny size: the test lake, the tiny params (one rank through torchrun too), a lesson package"
     from petpark.bench import bench_scale
     from petpark.testing import lesson_package
-    monkeypatch.setenv('WANDB_MODE', 'offline')
     pk = lesson_package(tmp_path, 'pkg', True, int8=True)[0].parent
     bodies = [(TEST_LAKE/f'{c}/{i}.jpg').read_bytes() for c in ('Cat', 'Dog') for i in (1, 2)]
     res = bench_scale(TEST_LAKE, pk, bodies, tiny_params(), tmp_path/'bench_scale', train_photos=16, requests=24, concurrency=4, today_rps=5)

@@ -37,7 +37,6 @@ def image():
 def model_dir(tmp_path_factory):
     "The verified files of a registered lesson model, as `petpark registry fetch` gives them, readable by any user"
     d = tmp_path_factory.mktemp('image')
-    os.environ['WANDB_MODE'] = 'disabled'
     out = d/'model'
     lesson_registry(d).fetch('v1', out)
     out.chmod(0o755)

@@ -1,8 +1,7 @@
 "The monitor on real servers and real lake photos: untouched photos raise no drift alert, night and infrared photos do, a biased model raises the bias alert, an alert reaches the webhook once"
-import io, json, os, sqlite3, subprocess, threading, time
+import io, json, sqlite3, subprocess, threading, time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 import httpx, pandas as pd, pytest
 from PIL import Image, ImageFilter
 from petpark.core import load_params, override
@@ -30,7 +29,6 @@ def infrared(p):  # an infrared camera: grayscale with a cast
 def site(tmp_path_factory):
     "A tiny model registered with a reference of 60 lake photos, served from the registry's prod stage on loopback"
     d = tmp_path_factory.mktemp('monitor')
-    os.environ['WANDB_MODE'] = 'disabled'
     files = lesson_package(d)
     ref = build_reference(load_dir(d/'pkg'), lake_photos('Cat', 0, 30) + lake_photos('Dog', 0, 30), pd.read_csv(d/'valid_preds.csv'))
     save_reference(ref, d/'pkg/reference.npz')
@@ -105,7 +103,7 @@ def test_alerts_reach_the_webhook_once_and_clear(site):
     assert 'ALERT (warning) data drift' in r.stdout and 'action:' in r.stdout, r.stdout
     first = len(Receiver.got)
     assert first >= 1 and all(a['check'] and a['words'] for a in Receiver.got)
-    r = run('--json')
+    r = run('--as-json')
     res = json.loads(r.stdout)
     assert res['alerts']['opened'] == [] and res['alerts']['open'], 'a condition that stays bad keeps its one alert'
     assert len(Receiver.got) == first, 'and it is posted once'

@@ -1,5 +1,5 @@
 "Explain and package a tiny real model: ONNX parity, int8, model card with the real figures, registry round trip, refusals"
-import json, shutil, subprocess
+import json, shutil
 import numpy as np, pandas as pd, pytest
 from petpark.core import PetparkError, load_params
 from petpark.ingest import ingest_stage
@@ -9,7 +9,7 @@ from petpark.registry import Registry
 from petpark.monitor import load_reference
 from petpark.runtime import onnx_session, onnx_predict, Contract, load_dir, load_inputs
 from petpark.testing import lesson_model, tiny_params
-from conftest import ROOT, TEST_LAKE, make_lake
+from conftest import TEST_LAKE, make_lake, petpark
 
 SMALL = dict(package__parity_images=24, package__calib_images=16, package__serve='int8', package__max_int8_drop=0.5)
 
@@ -18,7 +18,7 @@ SMALL = dict(package__parity_images=24, package__calib_images=16, package__serve
 def pk(tmp_path_factory):
     "A tiny model, a small ingested lake, evaluate's verdict under lenient limits, and the package stage run on them"
     d = tmp_path_factory.mktemp('pk')
-    mp = pytest.MonkeyPatch(); mp.setenv('WANDB_MODE', 'disabled'); mp.setenv('PETPARK_REGISTRY_DIR', str(d/'registry'))
+    mp = pytest.MonkeyPatch(); mp.setenv('PETPARK_REGISTRY_DIR', str(d/'registry'))
     lesson_model(d)
     lake = make_lake(d/'lake', 20)
     P = tiny_params(lenient=True, **SMALL)
@@ -121,17 +121,13 @@ def test_failed_gate_is_refused(pk, tmp_path):
     assert not (tmp_path/'package/model.onnx').exists(), 'nothing is exported for a refused model'
 
 
-def petpark(args, env):
-    return subprocess.run(['petpark', *args], cwd=ROOT, env=env, capture_output=True, text=True)
-
-
 def test_registry_cli_round_trip(tmp_path, env):
     env['PETPARK_REGISTRY_DIR'] = str(tmp_path/'reg'); env['PETPARK_USER'] = 'qa-anna'
     reg = Registry(tmp_path/'reg', 'petpark-classifier')
     for i, passed in enumerate([True, True, False]):
         (tmp_path/f'm{i}.onnx').write_bytes(f'model {i}'.encode())
         reg.register([tmp_path/f'm{i}.onnx'], dict(gate=dict(passed=passed, reasons=[] if passed else ['accuracy 0.9 < 0.99'])))
-    ok = lambda *a: petpark(a, env)
+    ok = lambda *a: petpark(*a, env=env)
     assert ok('registry', 'promote', 'v1', 'staging').returncode == 0
     r = ok('registry', 'promote', 'v1', 'prod')
     assert r.returncode == 2 and 'no QA approval' in r.stderr and 'Traceback' not in r.stderr
@@ -165,9 +161,8 @@ def test_registry_cli_round_trip(tmp_path, env):
 
 def test_explain_one_photo_from_the_command_line(pk, env, tmp_path):
     d = pk[0]
-    r = petpark(['explain', str(TEST_LAKE/'Dog/1.jpg'), '--model-dir', str(d/'models'), '--max-evals', '60',
-                 '--out', str(tmp_path/'dog.png')], env)
+    r = petpark('explain', TEST_LAKE/'Dog/1.jpg', '--model-dir', d/'models', '--max-evals', 60, '--out', tmp_path/'dog.png', env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] in ('Cat', 'Dog') and (tmp_path/'dog.png').stat().st_size > 1000
-    r = petpark(['explain', str(TEST_LAKE/'Cat/notes.jpg'), '--model-dir', str(d/'models')], env)
+    r = petpark('explain', str(TEST_LAKE/'Cat/notes.jpg'), '--model-dir', str(d/'models'), env=env)
     assert r.returncode == 2 and 'not a readable image' in r.stderr and 'Traceback' not in r.stderr

@@ -1,6 +1,5 @@
 "The real thing at small size: `petpark data` + `dvc repro` in a temporary copy of the repo on a subset of the lake"
 import json, re, shutil, sqlite3, subprocess
-from pathlib import Path
 import httpx, pandas as pd, yaml
 from petpark.proc import Served
 from conftest import LAKE, sh, tree_digest
@@ -95,7 +94,7 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
         for p, c in shots:
             rid = httpx.post(s.url + '/predict', files=[('files', (p.name, p.read_bytes(), 'image/jpeg'))]).json()['request_id']
             assert httpx.post(s.url + '/feedback', json=dict(request_id=rid, label=c), headers={'X-Staff-Token': 'staff'}).status_code == 200
-    lin = json.loads(sh(f'petpark lineage {rid} --json', repo, env))
+    lin = json.loads(sh(f'petpark lineage {rid} --as-json', repo, env))
     assert lin['model']['version'] == 'v1' and lin['model']['matches_registry']
     assert lin['code']['commit'] == first and lin['code']['code_differed'] is False, 'the commit it was trained at, with clean code'
     assert lin['data']['data_dvc_md5'] == data_v1 and not lin['data']['current'] and lin['params']['train']['img_size'] == 64

@@ -1,6 +1,5 @@
 "The inference log, the monitor and the server replicas on a real PostgreSQL server (started by conftest's `pg_server` on loopback)"
 import os, time
-from pathlib import Path
 import pytest
 from petpark.db import Db, log_exists
 
@@ -23,7 +22,6 @@ def test_one_dialect_on_postgres(pg_url):
 
 import re, signal, subprocess, threading
 import httpx, psutil
-from petpark.db import Db
 from petpark.govern import lineage
 from petpark.monitor import export_window, open_alerts
 from petpark.proc import Served
@@ -37,7 +35,6 @@ PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)
 def reg(tmp_path_factory):
     "A lesson model registered and promoted to prod (its package carries a reference for the monitor)"
     d = tmp_path_factory.mktemp('pg')
-    os.environ['WANDB_MODE'] = 'disabled'
     r = lesson_registry(d)
     r.record_preprod('v1', True, by='test'); r.approve('v1', 'test', 'ok'); r.promote('v1', 'staging'); r.promote('v1', 'prod')
     return d, r

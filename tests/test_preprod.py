@@ -1,16 +1,15 @@
 "Release on real servers: pre-production tests (failing and passing), QA approval, promotion to prod, rollback, the camera, the serving benchmark"
-import json, os, shutil, sqlite3, subprocess, time
+import json, shutil, sqlite3, time
 import httpx, pytest, yaml
 from petpark.proc import Served
 from petpark.testing import lesson_package, lesson_registry
-from conftest import ROOT, TEST_LAKE, venv_env
+from conftest import ROOT, TEST_LAKE, petpark, venv_env
 
 
 @pytest.fixture(scope='module')
 def site(tmp_path_factory):
     "A QA site: two tiny registered versions, v1 in staging, and a copy of the project whose params are loose enough for them"
     d = tmp_path_factory.mktemp('release')
-    os.environ['WANDB_MODE'] = 'disabled'
     reg = lesson_registry(d, [True, False])
     reg.promote('v1', 'staging', by='test')
     qa = d/'qa'; qa.mkdir()
@@ -21,10 +20,6 @@ def site(tmp_path_factory):
     (qa/'params.yaml').write_text(yaml.safe_dump(p))
     env = venv_env(PETPARK_REGISTRY_DIR=str(d/'registry'), PETPARK_SERVE_RELOAD_S='0.3', PETPARK_USER='qa-anna', PETPARK_STAFF_TOKEN='staff')
     return d, reg, qa, env
-
-
-def petpark(args, env, cwd=ROOT):
-    return subprocess.run(['petpark', *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def serve(stage, d, env):
@@ -44,7 +39,7 @@ def test_release_from_staging_to_prod_and_back(site):
     d, reg, qa, env = site
     with serve('staging', d, env) as stg:
         # the park's own limits (99% accuracy): the tiny model fails, the report says why, and QA cannot approve it
-        r = petpark(['preprod-test', '--url', stg.url, '--images', TEST_LAKE, '--per-class', 12, '--out', d/'strict'], env)
+        r = petpark('preprod-test', '--url', stg.url, '--images', TEST_LAKE, '--per-class', 12, '--out', d/'strict', env=env)
         assert r.returncode == 2 and 'v1 FAILED pre-production (' in r.stderr and 'accuracy' in r.stderr and 'Traceback' not in r.stderr, r.stderr
         rep = json.loads((d/'strict.json').read_text())
         assert not rep['passed'] and 'accuracy' in rep['failed'] and rep['model']['version'] == 'v1'
@@ -53,25 +48,25 @@ def test_release_from_staging_to_prod_and_back(site):
         assert hostile['decompression bomb'] == '413 decompression_bomb' and hostile['truncated JPEG'] == '422 truncated'
         assert rep['checks'][2]['quality']['n'] == 22, 'the two unreadable lake files are refused and counted apart'
         assert '>FAIL<' in (d/'strict.html').read_text()
-        r = petpark(['registry', 'approve', 'v1', '--note', 'looks fine'], env)
+        r = petpark('registry', 'approve', 'v1', '--note', 'looks fine', env=env)
         assert r.returncode == 2 and "latest pre-production test failed (" in r.stderr
         # the QA site's loose limits: it passes, and the verdict is recorded against v1
-        r = petpark(['preprod-test', '--url', stg.url, '--images', TEST_LAKE, '--per-class', 12], env, cwd=qa)
+        r = petpark('preprod-test', '--url', stg.url, '--images', TEST_LAKE, '--per-class', 12, env=env, cwd=qa)
         assert r.returncode == 0 and 'v1 passed pre-production' in r.stdout, r.stdout + r.stderr
         assert (qa/'reports/preprod_v1.html').exists() and reg.latest_preprod('v1')['passed']
-        assert petpark(['registry', 'approve', 'v1', '--note', 'preprod_v1 passed'], env).returncode == 0
-        assert petpark(['registry', 'promote', 'v1', 'prod'], env).returncode == 0
+        assert petpark('registry', 'approve', 'v1', '--note', 'preprod_v1 passed', env=env).returncode == 0
+        assert petpark('registry', 'promote', 'v1', 'prod', env=env).returncode == 0
         with serve('prod', d, env) as prod:
             assert serving(prod.url, 'v1')
             # v2 through staging: the staging server follows, is tested, approved, released; then rolled back
-            assert petpark(['registry', 'promote', 'v2', 'staging'], env).returncode == 0
+            assert petpark('registry', 'promote', 'v2', 'staging', env=env).returncode == 0
             assert serving(stg.url, 'v2')
-            r = petpark(['preprod-test', '--url', stg.url, '--images', TEST_LAKE, '--per-class', 12], env, cwd=qa)
+            r = petpark('preprod-test', '--url', stg.url, '--images', TEST_LAKE, '--per-class', 12, env=env, cwd=qa)
             assert r.returncode == 0, r.stdout + r.stderr
-            assert petpark(['registry', 'approve', 'v2', '--note', 'ok'], env).returncode == 0
-            assert petpark(['registry', 'promote', 'v2', 'prod'], env).returncode == 0
+            assert petpark('registry', 'approve', 'v2', '--note', 'ok', env=env).returncode == 0
+            assert petpark('registry', 'promote', 'v2', 'prod', env=env).returncode == 0
             assert serving(prod.url, 'v2')
-            assert 'prod is back on v1' in petpark(['registry', 'rollback', 'prod', '--note', 'night photos'], env).stdout
+            assert 'prod is back on v1' in petpark('registry', 'rollback', 'prod', '--note', 'night photos', env=env).stdout
             assert serving(prod.url, 'v1')
     acts = [(a['action'], a.get('version') or a.get('to_version'), a.get('passed')) for a in reg.audit_log()]
     assert acts.index(('preprod-test', 'v1', False)) < acts.index(('approve-refused', 'v1', None)) < acts.index(('preprod-test', 'v1', True)) < acts.index(('approve', 'v1', None))
@@ -82,7 +77,7 @@ def test_release_from_staging_to_prod_and_back(site):
 def test_camera_streams_a_folder_and_posts_staff_feedback(site):
     d, reg, qa, env = site
     with serve('staging', d, env) as s:
-        r = petpark(['camera', TEST_LAKE, '--rate', 50, '--feedback', 1, '--url', s.url, '--quiet'], env)
+        r = petpark('camera', TEST_LAKE, '--rate', 50, '--feedback', 1, '--url', s.url, '--quiet', env=env)
         assert r.returncode == 0, r.stderr
         res = json.loads(r.stdout.strip().splitlines()[-1])
         assert res['sent'] == res['predicted'] + sum(res['refused'].values()) and res['failed'] == 0
@@ -91,20 +86,19 @@ def test_camera_streams_a_folder_and_posts_staff_feedback(site):
         db = s.proc.args[s.proc.args.index('--db-url') + 1][len('sqlite:///'):]
     n, fb = sqlite3.connect(db).execute('SELECT COUNT(*), COUNT(feedback) FROM predictions').fetchone()
     assert n == res['predicted'] and fb == res['feedback']
-    r = petpark(['camera', TEST_LAKE, '--url', 'http://127.0.0.1:9'], env)
+    r = petpark('camera', TEST_LAKE, '--url', 'http://127.0.0.1:9', env=env)
     assert r.returncode == 2 and 'no petpark API answers at http://127.0.0.1:9' in r.stderr
 
 
 def test_bench_serve_compares_eager_fp32_and_int8_in_one_run(tmp_path):
-    os.environ['WANDB_MODE'] = 'disabled'
     lesson_package(tmp_path, 'pkg', True, int8=True)
     photos = tmp_path/'photos'
     for c in ['Cat', 'Dog']:
         (photos/c).mkdir(parents=True)
         for i in range(1, 4): shutil.copy(TEST_LAKE/f'{c}/{i}.jpg', photos/c)
     env = venv_env()
-    r = petpark(['bench', 'serve', '--images', photos, '--photos', 6, '--levels', '1,2', '--requests', 12, '--rates', '5,10', '--seconds', 1,
-                 '--engine-seconds', 0.5, '--package-dir', tmp_path/'pkg', '--model-dir', tmp_path/'models', '--out', tmp_path/'bench'], env)
+    r = petpark('bench', 'serve', '--images', photos, '--photos', 6, '--levels', '1,2', '--requests', 12, '--rates', '5,10', '--seconds', 1,
+            '--engine-seconds', 0.5, '--package-dir', tmp_path/'pkg', '--model-dir', tmp_path/'models', '--out', tmp_path/'bench', env=env)
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path/'bench.json').read_text())
     rows = res['closed']

@@ -6,11 +6,7 @@ from pathlib import Path
 import boto3, pytest, yaml
 from moto.server import ThreadedMotoServer
 from petpark.proc import free_port
-from conftest import dvc_outs, file_hashes, sh
-
-
-def petpark(args, cwd, env):
-    return subprocess.run(f'petpark {args}', shell=True, cwd=cwd, env=env, capture_output=True, text=True)
+from conftest import dvc_outs, file_hashes, petpark, sh
 
 
 def clone(tp, dst: Path, env: dict, cache: Path = None) -> Path:
@@ -48,9 +44,9 @@ def round_trip(tp, tmp: Path, **remote) -> Path:
 def test_folder_remote_round_trip(tiny_pipeline, tmp_path):
     tp, store = tiny_pipeline, tmp_path/'dvc-store'
     empty = clone(tp, tmp_path/'empty/repo', tp.env)
-    r = petpark('remote pull', empty, dict(tp.env, PYTHONPATH=str(empty), PETPARK_DVC_REMOTE=str(store)))
+    r = petpark('remote', 'pull', cwd=empty, env=dict(tp.env, PYTHONPATH=str(empty), PETPARK_DVC_REMOTE=str(store)))
     assert r.returncode == 2 and 'Traceback' not in r.stderr and str(store) in r.stderr, 'an empty remote: a clear error'
-    r = petpark('remote push', empty, dict(tp.env, PYTHONPATH=str(empty), PETPARK_DVC_REMOTE=''))
+    r = petpark('remote', 'push', cwd=empty, env=dict(tp.env, PYTHONPATH=str(empty), PETPARK_DVC_REMOTE=''))
     assert r.returncode == 2 and 'PETPARK_DVC_REMOTE' in r.stderr and 'Traceback' not in r.stderr
     round_trip(tp, tmp_path, PETPARK_DVC_REMOTE=str(store))
     assert len(list((store/'files/md5').rglob('*.dir'))) == 2, 'the two folders: the lake snapshot and the monitor window'

@@ -12,7 +12,6 @@ LAKE_PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1
 @pytest.fixture(scope='module')
 def reg(tmp_path_factory):
     d = tmp_path_factory.mktemp('serve')
-    os.environ['WANDB_MODE'] = 'disabled'
     r = lesson_registry(d, [True, False])
     r.promote('v1', 'staging')
     return d, r
@@ -42,6 +41,21 @@ def test_the_server_imports_no_training_stack(env):
 
 def predict(url, *paths, client=httpx):
     return client.post(url + '/predict', files=[('files', (p.name, p.read_bytes(), 'image/jpeg')) for p in paths], timeout=30)
+
+
+def test_every_response_is_counted_by_status_for_the_monitor(reg):
+    """A server with no room left sheds every /predict with a 503: the counts reach the log's `responses` table (written with
+    the host samples and once more when the server stops), and the monitor's server-errors check alerts on them"""
+    from petpark.core import load_params
+    from petpark.monitor import read_responses, server_error_check
+    with Server(reg[0], PETPARK_SERVE_MAX_QUEUE='0') as s:
+        t0 = time.time()
+        for p in LAKE_PHOTOS[:3]: assert predict(s.url, p).status_code == 503
+        assert httpx.get(s.url + '/no-such-page').status_code == 404
+    rows = dict(((e, st), n) for e, st, n in sqlite3.connect(s.db).execute('SELECT endpoint, status, SUM(n) FROM responses GROUP BY 1, 2'))
+    assert rows[('/predict', 503)] == 3 and rows[('other', 404)] == 1 and rows[('/ready', 200)] >= 1, rows
+    c = server_error_check(read_responses(s.db, t0 - 60, time.time() + 1), load_params().monitor)
+    assert (c['verdict'], c['value']) == ('alert', 1.0) and '503: 3' in c['words'], c
 
 
 def test_predictions_and_service_endpoints(srv):

@@ -10,7 +10,7 @@ from petpark.testing import tiny_params, read_wandb_run, find_wandb_runs
 from conftest import ROOT, TEST_LAKE, make_lake
 
 # params.yaml's recipe with a budget of seconds (params.yaml's backbone, a tiny image size, two search trials)
-TINY = dict(train__backbone=load_params().train.backbone, train__bs=16, train__search__lrs=[0.001, 0.003],
+RECIPE = dict(train__backbone=load_params().train.backbone, train__bs=16, train__search__lrs=[0.001, 0.003],
             train__search__subset=20, train__search__budget_s=120.0)
 
 
@@ -20,7 +20,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp('tiny')
     mp = pytest.MonkeyPatch(); mp.setenv('WANDB_DIR', str(d)); mp.setenv('PETPARK_WANDB_MODE', 'offline')
     lake = make_lake(d/'lake', 40)
-    P = tiny_params(**TINY)
+    P = tiny_params(**RECIPE)
     ingest_stage(P, lake, d/'ingest', d/'metrics/ingest.json', cache_dir=d/'cache')
     res = train_stage(P, d/'ingest/manifest.csv', lake, d/'models', d/'train', d/'metrics/train.json')
     assert json.loads((d/'metrics/train.json').read_text()) == res, 'the stage writes the metrics it returns'
