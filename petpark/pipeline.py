@@ -4,10 +4,12 @@
 
 # %% auto #0
 __all__ = ['REMOTE', 'RECIPE', 'petpark_data', 'petpark_repro', 'remote_config', 'petpark_remote', 'experiment_table',
-           'with_earlier', 'experiments_markdown', 'petpark_experiments']
+           'with_earlier', 'experiments_markdown', 'petpark_experiments', 'module_imports', 'notebook_imports',
+           'module_closure', 'stage_code']
 
 # %% ../nbs/84_pipeline.ipynb #52a361fb
-import json, os
+import ast, json, os, re
+from pathlib import Path
 import pandas as pd, yaml
 from fastcore.script import call_parse
 from .core import *
@@ -125,3 +127,48 @@ def petpark_experiments(commits:int=1, # list the experiments of this many commi
                    'jobs shared the cores). Rows of an earlier table that this clone\'s `dvc exp show` no longer lists are kept: they '
                    'were measured in another clone, maybe on another machine.\n\n' + experiments_markdown(df))
     print(df.to_string(index=False)); print(f'written: {out}')
+
+# %% ../nbs/84_pipeline.ipynb #7810accc
+def module_imports(source:str)->set:
+    "The petpark modules that Python `source` imports anywhere (at the top or inside a function), as module names"
+    out = set()
+    for n in ast.walk(ast.parse(source)):
+        if isinstance(n, ast.ImportFrom) and n.module:
+            if n.level == 1: out.add(n.module.split('.')[0])
+            elif n.module.startswith('petpark.'): out.add(n.module.split('.')[1])
+            elif n.module == 'petpark': out |= {a.name for a in n.names}
+        elif isinstance(n, ast.Import): out |= {a.name.split('.')[1] for a in n.names if a.name.startswith('petpark.')}
+    return out - {'_modidx'}
+
+class _NoLessons(ast.NodeTransformer):
+    def visit_If(self, n):  # `if lesson:` is a run cell's lesson branch: it never runs under DVC
+        return n.orelse or None if isinstance(n.test, ast.Name) and n.test.id == 'lesson' else self.generic_visit(n)
+
+def notebook_imports(nb_path)->set:
+    "The petpark modules a notebook's cells import, less its `#| hide` cells, `if lesson:` branches and `petpark.testing`"
+    out = set()
+    for c in json.loads(Path(nb_path).read_text())['cells']:
+        s = ''.join(c['source'])
+        if c['cell_type'] != 'code' or s.startswith('#| hide'): continue
+        code = '\n'.join(l for l in s.splitlines() if not l.lstrip().startswith(('%', '!')))  # IPython magics are no Python
+        out |= module_imports(ast.unparse(_NoLessons().visit(ast.parse(code))))
+    return out - {'testing'}
+
+def module_closure(mods, root=None)->set:
+    "`mods` and every petpark module they import, at any depth"
+    lib, seen, todo = proj_root(root)/'petpark', set(), list(mods)
+    while todo:
+        m = todo.pop()
+        if m in seen or not (lib/f'{m}.py').exists(): continue
+        seen.add(m); todo += module_imports((lib/f'{m}.py').read_text())
+    return seen
+
+def stage_code(stage:str, root=None)->list:
+    "The petpark/*.py files whose code the DVC stage `stage` runs (see above), sorted"
+    from petpark.cli import command
+    r = proj_root(root)
+    st = yaml.safe_load((r/'dvc.yaml').read_text())['stages'][stage]
+    nb = next(d for d in st['deps'] if str(d).startswith('nbs/'))
+    seeds = {stage, *notebook_imports(r/nb)}
+    for w in re.findall(r'(?:^|&&)\s*petpark ([\w-]+)', st['cmd']): seeds |= {'cli', command([w])[0].split('.')[1]}
+    return sorted(f'petpark/{m}.py' for m in module_closure(seeds, r))
