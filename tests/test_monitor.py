@@ -1,5 +1,5 @@
 "The monitor on real servers and real lake photos: untouched photos raise no drift alert, night and infrared photos do, a biased model raises the bias alert, an alert reaches the webhook once"
-import io, json, sqlite3, subprocess, threading, time
+import io, json, sqlite3, threading, time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 import httpx, pandas as pd, pytest
@@ -10,7 +10,7 @@ from petpark.registry import Registry
 from petpark.runtime import load_dir
 from petpark.proc import Served
 from petpark.testing import lesson_package
-from conftest import ROOT, LAKE, venv_env
+from conftest import LAKE, petpark, venv_env
 
 P = override(load_params(), {'monitor.min_photos': 40, 'monitor.min_feedback': 20}).monitor
 lake_photos = lambda c, start, n: sorted(p for p in (LAKE/c).glob('*.jpg') if p.stem.isdigit())[start:start + n]
@@ -96,8 +96,7 @@ def test_alerts_reach_the_webhook_once_and_clear(site):
     photos = lake_photos('Cat', 300, 50) + lake_photos('Dog', 300, 50)  # params.yaml's monitor.min_photos: 100
     fmt = lambda t: datetime.fromtimestamp(t).isoformat()  # to the microsecond: the window holds these photos and none the tests before logged
     since, until = send(s.url, [night(p) for p in photos])
-    run = lambda *a: subprocess.run(['petpark', 'monitor', '--since', fmt(since), '--until', fmt(until), *a], cwd=ROOT, env=env,
-                                    capture_output=True, text=True)
+    run = lambda *a: petpark('monitor', '--since', fmt(since), '--until', fmt(until), *a, env=env)
     r = run()
     assert r.returncode == 0, r.stderr
     assert 'ALERT (warning) data drift' in r.stdout and 'action:' in r.stdout, r.stdout

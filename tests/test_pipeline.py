@@ -1,8 +1,8 @@
 "The real thing at small size: `petpark data` + `dvc repro` in a temporary copy of the repo on a subset of the lake"
-import json, re, shutil, sqlite3, subprocess
+import json, re, shutil, sqlite3
 import httpx, pandas as pd, yaml
 from petpark.proc import Served
-from conftest import LAKE, sh, tree_digest
+from conftest import LAKE, petpark, sh, tree_digest
 
 def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     tp = tiny_pipeline  # `petpark data`, `dvc repro` (TINY params: the gate fails), `dvc repro` (LENIENT), committed
@@ -79,7 +79,7 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     cat, dog = t[t.label == 'Cat'].path.iloc[0], t[t.label == 'Dog'].path.iloc[0]
     sh(f'petpark review {cat} --relabel Dog --why "a dog behind the cat"', repo, env)
     sh(f'petpark review {dog} --drop --why "a charity logo, no animal"', repo, env)
-    r = subprocess.run('petpark review Cat/none.jpg --keep --why x', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    r = petpark('review', 'Cat/none.jpg', '--keep', '--why', 'x', cwd=repo, env=env)
     assert r.returncode == 2 and 'not a photo of the lake snapshot' in r.stderr + r.stdout
     sh("git add -A && git commit -qm 'new lake photo, two reviews'", repo, env)
 
@@ -102,7 +102,7 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     assert f'commit {first[:12]}' in words and 'data.dvc has moved on' in words
 
     wrong = sqlite3.connect(tmp_path/'log.sqlite').execute('SELECT COUNT(*) FROM predictions WHERE feedback != label').fetchone()[0]
-    r = subprocess.run('petpark retrain', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    r = petpark('retrain', cwd=repo, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert 'v3 is in staging' in r.stdout and 'next:' in r.stdout
     # v3 is trained on the reviewed labels: the relabelled photo keeps its split, the dropped one is out, and both are reported
@@ -120,7 +120,7 @@ def test_dvc_repro_end_to_end(tiny_pipeline, tmp_path):
     assert set(b.relative_to(lake).as_posix() for b in batch) <= set(man.path)
     state = json.loads((repo/'registry/petpark-classifier/registry.json').read_text())
     assert state['stages']['staging'][-1] == 'v3' and 'v3' not in state['stages']['prod'] and state['preprod']['v3']
-    p = subprocess.run('petpark registry promote v3 prod', shell=True, cwd=repo, env=env, capture_output=True, text=True)
+    p = petpark('registry', 'promote', 'v3', 'prod', cwd=repo, env=env)
     assert p.returncode == 2 and 'no QA approval' in p.stderr, 'never straight to prod'
     acts = [a['action'] for a in map(json.loads, (repo/'registry/petpark-classifier/audit.jsonl').read_text().splitlines()) if a['user'] == 'po-paula']
     assert [a for a in acts if a.startswith('retrain')] == ['retrain-start', 'retrain-batch', 'retrain-data', 'retrain-repro', 'retrain-done']

@@ -20,13 +20,13 @@ def test_one_dialect_on_postgres(pg_url):
         with pytest.raises(Exception, match='read-only'): ro.execute('DELETE FROM p')
 
 
-import re, signal, subprocess, threading
+import re, signal, threading
 import httpx, psutil
 from petpark.govern import lineage
 from petpark.monitor import export_window, open_alerts
 from petpark.proc import Served
 from petpark.testing import lesson_registry
-from conftest import TEST_LAKE, venv_env
+from conftest import TEST_LAKE, petpark, venv_env
 
 PHOTOS = [TEST_LAKE/f'{c}/{i}.jpg' for c in ['Cat', 'Dog'] for i in range(1, 13)]
 
@@ -66,11 +66,11 @@ def test_serve_feedback_and_monitor_on_postgres(reg, pg_url, tmp_path):
         assert db.execute('SELECT COUNT(*) FROM host').fetchone()[0] >= 1
         emb = db.execute('SELECT embedding FROM predictions LIMIT 1').fetchone()[0]
         assert isinstance(emb, bytes) and len(emb) % 4 == 0
-    out = subprocess.run(['petpark', 'monitor', '--last', '1', '--db-url', pg_url], env=env, capture_output=True, text=True)
+    out = petpark('monitor', '--last', 1, '--db-url', pg_url, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert 'ALERT (warning) refused inputs: 11.1% of inputs refused (not_image 5)' in out.stdout, out.stdout
     assert '40 photos, ' in out.stdout and 'accuracy from staff feedback' in out.stdout, out.stdout
-    again = subprocess.run(['petpark', 'monitor', '--last', '1', '--db-url', pg_url], env=env, capture_output=True, text=True)
+    again = petpark('monitor', '--last', 1, '--db-url', pg_url, env=env)
     assert 'still open: refused inputs' in again.stdout, again.stdout
     a = open_alerts(pg_url)
     assert 'refused inputs' in a.check_name.tolist() and all(f'ALERT ({v}) {k}:' in out.stdout for k, v in zip(a.check_name, a.severity))

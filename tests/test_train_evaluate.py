@@ -1,5 +1,5 @@
 "A tiny training run through real fastai: model files, W&B offline records read back, evaluate report and gate"
-import json, subprocess
+import json
 import numpy as np, pandas as pd, pytest
 from petpark.core import PetparkError, load_params
 from petpark.ingest import ingest_stage
@@ -7,7 +7,7 @@ from petpark.train import train_stage
 from petpark.evaluate import evaluate_folder
 from petpark.judge import check_gate, judge
 from petpark.testing import tiny_params, read_wandb_run, find_wandb_runs
-from conftest import ROOT, TEST_LAKE, make_lake
+from conftest import TEST_LAKE, make_lake, petpark
 
 # params.yaml's recipe with a budget of seconds (params.yaml's backbone, a tiny image size, two search trials)
 RECIPE = dict(train__backbone=load_params().train.backbone, train__bs=16, train__search__lrs=[0.001, 0.003],
@@ -76,9 +76,8 @@ def test_a_model_that_always_says_dog_is_called_biased():
 
 def test_cli_evaluate_a_folder(tiny, env, tmp_path):
     d, _ = tiny
-    r = subprocess.run(['petpark', 'evaluate', '--images', str(TEST_LAKE), '--model-dir', str(d/'models'),
-                        '--out-dir', str(tmp_path/'rep')], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = petpark('evaluate', '--images', TEST_LAKE, '--model-dir', d/'models', '--out-dir', tmp_path/'rep', env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'FAIL' in r.stdout and 'bias: the model predicts' in r.stdout and (tmp_path/'rep/metrics.json').exists()
-    r = subprocess.run(['petpark', 'evaluate', '--images', str(tmp_path/'none')], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = petpark('evaluate', '--images', tmp_path/'none', env=env)
     assert r.returncode == 2 and 'Traceback' not in r.stderr and '--images' in r.stderr
