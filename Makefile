@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/python -m pip install -q -e ".[train,serve,dev]"
+	$(VENV)/bin/python -m pip install -q -e ".[train,serve,loop,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['PIPELINE_STAGES', 'MANIFEST', 'PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings',
-           'site_root', 'site_path', 'user_name', 'lake_path', 'BaseParams', 'IngestParams', 'ReviewParams',
-           'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams', 'ExplainParams', 'PackageParams',
-           'PreprodParams', 'MonitorParams', 'RetrainParams', 'Params', 'load_params', 'override', 'write_metrics',
-           'md_table', 'write_report', 'get_logger', 'sha256_bytes', 'HashCache', 'data_dvc_md5', 'to_rgb', 'open_rgb',
-           'model_input', 'photo_grid']
+           'site_root', 'site_path', 'user_name', 'now', 'fast_clock', 'lake_path', 'BaseParams', 'IngestParams',
+           'ReviewParams', 'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams', 'ExplainParams',
+           'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams', 'LoopParams', 'Params', 'load_params',
+           'override', 'write_metrics', 'md_table', 'write_report', 'get_logger', 'sha256_bytes', 'HashCache',
+           'data_dvc_md5', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
-import configparser, getpass, hashlib, io, json, logging, os, sqlite3, sys
+import configparser, getpass, hashlib, io, json, logging, os, sqlite3, sys, time
 from dataclasses import dataclass, fields, asdict, is_dataclass, MISSING
 from pathlib import Path
 import numpy as np, yaml
@@ -80,6 +80,13 @@ class Settings:
     dvc_remote_endpoint:str=''                   # an S3-compatible server's URL (MinIO, Ceph...); empty: AWS. Keys: AWS_* variables
     serve_threads:int=1                          # ONNX Runtime intra-op threads per model run; the server runs cores // this many at once
     serve_max_queue:int=16                       # /predict requests in flight or waiting; more are refused with 503 and Retry-After
+    loop_cron:str='0 6 * * *'                    # `petpark loop`: when the daily monitor runs (cron, in loop_timezone)
+    loop_timezone:str='Europe/Madrid'            # the park's time zone, for the loop's schedules
+    loop_summary_cron:str='0 7 * * 1'            # when the weekly summary is written
+    loop_lake_every_s:float=3600                 # how often the loop looks for a new version of the lake
+    loop_port:int=4200                           # the Prefect server (API and UI) on 127.0.0.1
+    loop_home:str='.prefect'                     # the loop's state: Prefect's database (SQLite), logs, process ids (site state)
+    loop_db_url:str=''                           # Prefect's database: empty, SQLite in loop_home; or postgresql+asyncpg://user@host/db
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"
@@ -110,6 +117,23 @@ def site_path(p, root=None)->Path:
 def user_name(by=None)->str:
     "Who acts: `by` if given, else `PETPARK_USER`, else the login name"
     return by or os.environ.get('PETPARK_USER') or getpass.getuser()
+
+# %% ../nbs/00_core.ipynb #103b481d
+def now()->float:
+    "Epoch seconds on this site's clock: the real time, or the fast clock `PETPARK_CLOCK` names (`fast_clock`: the clock itself, or a file holding it)"
+    c = os.environ.get('PETPARK_CLOCK')
+    if not c: return time.time()
+    try:
+        if '@' not in c: c = Path(c).read_text()
+        sim, rest = c.split('@'); real, speed = rest.split('x'); return float(sim) + (time.time() - float(real))*float(speed)
+    except (OSError, ValueError): raise PetparkError(f'PETPARK_CLOCK={c!r} is not a clock: unset it, or write it with fast_clock (SIM@REALxSPEED, or a file holding it)') from None
+
+def fast_clock(start:float, speed:float, path=None)->str:
+    "A `PETPARK_CLOCK` that reads `start` (epoch seconds) now and runs `speed` times faster than real time (0: it stands still); written to the file `path` if given, which every process that reads it follows"
+    c = f'{start}@{time.time()}x{speed}'
+    if path is None: return c
+    tmp = Path(f'{path}.tmp'); tmp.write_text(c); os.replace(tmp, path)
+    return str(path)
 
 # %% ../nbs/00_core.ipynb #fe7a621f
 def lake_path(root=None)->Path:
@@ -176,10 +200,15 @@ class RetrainParams:
     hold_confidence:float; min_photos:int
 
 @dataclass(frozen=True)
+class LoopParams:
+    retrain_on:list; never_alone:list; min_new_labels:int; cooldown_hours:float; max_model_age_days:float; max_retrains_per_week:int
+    alpha:float; max_accuracy_drop:float
+
+@dataclass(frozen=True)
 class Params:
     "Every knob of the science: `params.yaml`, one section per stage plus `base`"
     base:BaseParams; ingest:IngestParams; eda:EdaParams; train:TrainParams; evaluate:EvaluateParams
-    explain:ExplainParams; package:PackageParams; preprod:PreprodParams; monitor:MonitorParams; retrain:RetrainParams
+    explain:ExplainParams; package:PackageParams; preprod:PreprodParams; monitor:MonitorParams; retrain:RetrainParams; loop:LoopParams
 
 # %% ../nbs/00_core.ipynb #ba19d541
 def load_params(path='params.yaml')->Params:

@@ -77,8 +77,8 @@ def demo_site(root, rows:int=2000, days:int=14, seed:int=0)->dict:
     photos = [p for c in ['Cat', 'Dog'] for p in sorted((lake/c).glob('[0-9]*.jpg'))]
     store, shas = PhotoStore(root/'photos'), []
     for p in photos: shas.append(sha256_bytes(p.read_bytes())); store.put(shas[-1], p.read_bytes())
-    now = time.time(); t = np.sort(now - rng.uniform(0, days*86400, rows))
-    dog = rng.uniform(0, 1, rows); drift = (now - t < 2*86400)*25  # the last two days got darker: the night camera
+    end = now(); t = np.sort(end - rng.uniform(0, days*86400, rows))
+    dog = rng.uniform(0, 1, rows); drift = (end - t < 2*86400)*25  # the last two days got darker: the night camera
     idx = rng.integers(0, len(photos), rows)
     recs = [(f'{i:032x}', 0, float(t[i]), 'prod', 'v1', reg.resolve('v1')['hash'], 'fp32', shas[idx[i]], photos[idx[i]].name, 'JPEG', 180, 180,
              float(rng.normal(120, 30) - drift[i]), float(rng.normal(60, 12)), float(rng.normal(40, 15)), 'Dog' if dog[i] >= 0.5 else 'Cat',
@@ -90,16 +90,16 @@ def demo_site(root, rows:int=2000, days:int=14, seed:int=0)->dict:
     log.con.execute('BEGIN')  # one transaction: the log's autocommit would sync every row
     log.con.executemany('INSERT INTO predictions(request_id, item, time, stage, model_version, model_hash, variant, input_sha256, filename, format, width, height, '
                         'brightness, contrast, saturation, label, probs, latency_ms, feedback) VALUES (' + ','.join('?'*19) + ')', recs)
-    ht = np.arange(now - days*86400, now, 3600)
+    ht = np.arange(end - days*86400, end, 3600)
     log.con.executemany('INSERT INTO host VALUES (?,?,?,?,?,?,?)', [(float(x), 'prod', float(rng.uniform(10, 60)), float(rng.uniform(40, 70)), 55.0, None, 300.0) for x in ht])
-    log.con.executemany('INSERT INTO refusals VALUES (?,?,?,?,?,?)', [(float(x), 'not_image', 422, 'x.txt', 10, 'prod') for x in rng.uniform(now - days*86400, now, max(1, rows//100))])
+    log.con.executemany('INSERT INTO refusals VALUES (?,?,?,?,?,?)', [(float(x), 'not_image', 422, 'x.txt', 10, 'prod') for x in rng.uniform(end - days*86400, end, max(1, rows//100))])
     log.con.execute(ALERTS_SCHEMA)
     ev = json.dumps([{'request_id': f'{i:032x}', 'filename': photos[idx[i]].name} for i in range(rows - 4, rows)])
     log.con.execute('INSERT INTO alerts(check_name, severity, opened, last_seen, closed, words, evidence, action) VALUES (?,?,?,?,?,?,?,?)',
-                    ('data drift: brightness', 'warning', now - 86400, now - 600, None, 'brightness has drifted: KS D 0.31, p = 1e-09 after Holm correction',
+                    ('data drift: brightness', 'warning', end - 86400, end - 600, None, 'brightness has drifted: KS D 0.31, p = 1e-09 after Holm correction',
                      ev, 'look at the evidence photos and the cameras (night, infrared, blur, a turned camera)'))
     log.con.execute('INSERT INTO alerts(check_name, severity, opened, last_seen, closed, words, evidence, action) VALUES (?,?,?,?,?,?,?,?)',
-                    ('latency', 'warning', now - 6*86400, now - 5*86400, now - 5*86400 + 3600, 'latency p99 2500 ms (alert above 2000 ms)', 'null', None))
+                    ('latency', 'warning', end - 6*86400, end - 5*86400, end - 5*86400 + 3600, 'latency p99 2500 ms (alert above 2000 ms)', 'null', None))
     log.con.execute('COMMIT'); log.con.close()
     _demo_workspace(root/'workspace', lake, rng)
     return dict(PETPARK_REGISTRY_DIR=str(root/'registry'), PETPARK_DB_URL=f'sqlite:///{db}', PETPARK_WORKSPACE=str(root/'workspace'))

@@ -188,22 +188,22 @@ class InferenceLog:
     def refusal(self, problem:str, status:int, filename:str=None, size:int=None):
         "Log one refused input: what was wrong with it, never its bytes (the monitors count refusals by problem)"
         with self.lock: self.db.execute('INSERT INTO refusals(time, problem, status, filename, bytes, stage) VALUES (?,?,?,?,?,?)',
-                                        (time.time(), problem, status, filename, size, self.stage))
+                                        (now(), problem, status, filename, size, self.stage))
 
     def responses(self, counts:dict):
         "Log how many responses each (endpoint, status) got since the last call: every status, so that shares have their whole"
         if not counts: return
-        now = time.time()
+        t = now()
         with self.lock, self.db.transaction():
-            self.db.executemany('INSERT INTO responses(time, stage, endpoint, status, n) VALUES (?,?,?,?,?)', [(now, self.stage, e, s, n) for (e, s), n in counts.items()])
+            self.db.executemany('INSERT INTO responses(time, stage, endpoint, status, n) VALUES (?,?,?,?,?)', [(t, self.stage, e, s, n) for (e, s), n in counts.items()])
 
     def host(self, facts:dict):
         "Log one sample of the host's telemetry (`host_facts`)"
         with self.lock: self.db.execute(f"INSERT INTO host(time, stage, {', '.join(HOST_FACTS)}) VALUES (?,?,?,?,?,?,?)",
-                                        (time.time(), self.stage, *(facts[k] for k in HOST_FACTS)))
+                                        (now(), self.stage, *(facts[k] for k in HOST_FACTS)))
 
     def feedback(self, request_id:str, label:str, item=None)->int:
-        q, args = 'UPDATE predictions SET feedback=?, feedback_time=? WHERE request_id=?', [label, time.time(), request_id]
+        q, args = 'UPDATE predictions SET feedback=?, feedback_time=? WHERE request_id=?', [label, now(), request_id]
         if item is not None: q += ' AND item=?'; args.append(item)
         with self.lock: return self.db.execute(q, args).rowcount
 

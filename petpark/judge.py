@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['THRESHOLD_GRID', 'choose_threshold', 'threshold_choice', 'wilson', 'quality', 'ece', 'share_words', 'review_words',
-           'bias', 'gate', 'check_gate', 'curves', 'judge']
+           'bias', 'gate', 'check_gate', 'mcnemar', 'champion_challenger', 'curves', 'judge']
 
 # %% ../nbs/72_judge.ipynb #fb8d726d
 import json
@@ -126,6 +126,27 @@ def check_gate(metrics_path='metrics/evaluate.json'):
     g = json.loads(p.read_text())['gate']
     if not g['passed']: raise PetparkError('the model failed its evaluate gate (' + '; '.join(g['reasons']) + '): refusing it')
     return g
+
+# %% ../nbs/72_judge.ipynb #1ed151a5
+def mcnemar(b:int, c:int)->float:
+    "Two-sided exact McNemar p-value: `b` photos only the first model got right, `c` only the second (a binomial test on the b + c discordant pairs)"
+    from scipy.stats import binomtest
+    return 1.0 if b + c == 0 else float(binomtest(int(b), int(b + c), 0.5).pvalue)
+
+def champion_challenger(champion:np.ndarray, challenger:np.ndarray, alpha:float=0.05, max_drop:float=0.0, z:float=1.96)->dict:
+    "Paired comparison of two models' per-photo correctness on the same photos: accuracies with intervals, McNemar's test, the difference with its interval, the verdict in words"
+    a, k = np.asarray(champion, bool), np.asarray(challenger, bool)
+    n, b, c = len(a), int((a & ~k).sum()), int((~a & k).sum())
+    if not n: raise PetparkError('champion and challenger need photos in common to be compared')
+    p, diff = mcnemar(b, c), (c - b)/n
+    se = np.sqrt(max(b + c - (c - b)**2/n, 0))/n
+    worse = p < alpha and diff < -max_drop
+    acc = lambda x: dict(accuracy=float(x.mean()), ci95=wilson(int(x.sum()), n))
+    words = (f"challenger {k.mean():.2%} against champion {a.mean():.2%} on the same {n} photos (difference {diff:+.2%}, 95% interval "
+             f"{diff - z*se:+.2%} to {diff + z*se:+.2%}); {b} photos only the champion got right, {c} only the challenger; McNemar p = {p:.3g}: "
+             + ('the challenger is worse: it stays out of staging' if worse else 'the challenger is not worse'))
+    return dict(n=n, champion=acc(a), challenger=acc(k), only_champion=b, only_challenger=c, difference=diff,
+                difference_ci95=(float(diff - z*se), float(diff + z*se)), p_mcnemar=p, alpha=alpha, max_drop=max_drop, not_worse=not worse, words=words)
 
 # %% ../nbs/72_judge.ipynb #c34bc585
 def curves(y:np.ndarray, p:np.ndarray, t:float, classes:list, bins:int=10)->dict:

@@ -60,7 +60,7 @@ def read_window(db, since:float, until:float, max_embeddings:int=1000, seed:int=
         host = _table(con, 'host', f'SELECT time, {", ".join(HOST_FACTS)} FROM host WHERE time >= ? AND time < ?{st} ORDER BY time', args, ['time', *HOST_FACTS])
         ids = df.rowid.values
         if len(ids) > max_embeddings: ids = np.sort(np.random.default_rng(seed).choice(ids, max_embeddings, replace=False))
-        rows = con.execute(f"SELECT rowid, embedding FROM predictions WHERE rowid IN ({','.join(map(str, ids))})").fetchall() if len(ids) else []
+        rows = con.execute(f"SELECT rowid, embedding FROM predictions WHERE rowid IN ({','.join(map(str, ids))}) AND embedding IS NOT NULL").fetchall() if len(ids) else []
     finally: con.close()
     emb = pd.DataFrame({'rowid': [r[0] for r in rows], 'embedding': [np.frombuffer(r[1], np.float32) for r in rows]})
     if len(df): df = df.join(pd.DataFrame([json.loads(s) for s in df.probs], index=df.index).add_prefix('p_'))  # parsed once, for every check
@@ -110,19 +110,21 @@ def drift_checks(df:pd.DataFrame, emb:pd.DataFrame, ref:dict, positive:str, p:Mo
     "Data drift: MMD on a PCA projection of the embeddings, KS on brightness, contrast, saturation and p(positive); Holm-corrected"
     if len(df) < p.min_photos:
         return [_chk('data drift', 'n/a', f'{len(df)} photos in the window: at least {p.min_photos} are needed to judge drift')]
-    e = np.stack(emb.embedding.values)
-    mu, comp = pca_fit(np.vstack([ref['embedding'], e]), p.pca_dims)  # on the pooled sample, so the permutation test stays exact
-    x = (e - mu)@comp.T; r = (ref['embedding'] - mu)@comp.T
-    mmd, p_mmd = mmd_test(r, x, p.permutations)
+    raw, newest = {}, None
+    if len(emb) >= p.min_photos:  # rows logged without an embedding (none the server writes today) leave the MMD out
+        e = np.stack(emb.embedding.values)
+        mu, comp = pca_fit(np.vstack([ref['embedding'], e]), p.pca_dims)  # on the pooled sample, so the permutation test stays exact
+        x = (e - mu)@comp.T; r = (ref['embedding'] - mu)@comp.T
+        mmd, raw['embeddings (MMD)'] = mmd_test(r, x, p.permutations)
+        d2 = ((x[:, None, :] - r[None])**2).sum(-1).min(1)  # distance to the nearest reference photo: the most "new" photos
+        newest = df.set_index('rowid').loc[emb.rowid.values[np.argsort(-d2)[:6]], ['request_id', 'filename']].to_dict('records')
     pname = f'p({positive.lower()})'
     cols = {'brightness': 'brightness', 'contrast': 'contrast', 'saturation': 'saturation', pname: 'p_pos'}
     win = {'brightness': df.brightness, 'contrast': df.contrast, 'saturation': df.get('saturation'), pname: df[f'p_{positive}']}
     win = {k: pd.to_numeric(v, errors='coerce').dropna().values for k, v in win.items() if v is not None and cols[k] in ref}
     ks = {k: stats.ks_2samp(ref[cols[k]], v) for k, v in win.items() if len(v) >= p.min_photos}  # rows logged before a statistic existed have none
-    raw = {'embeddings (MMD)': p_mmd, **{k: float(t.pvalue) for k, t in ks.items()}}
+    raw.update({k: float(t.pvalue) for k, t in ks.items()})
     adj = holm(raw)
-    d2 = ((x[:, None, :] - r[None])**2).sum(-1).min(1)  # distance to the nearest reference photo: the most "new" photos
-    newest = df.set_index('rowid').loc[emb.rowid.values[np.argsort(-d2)[:6]], ['request_id', 'filename']].to_dict('records')
     out = []
     for k, pv in adj.items():
         stat_name, stat = ('MMD²', mmd) if k.startswith('emb') else ('KS D', float(ks[k].statistic))
@@ -234,9 +236,9 @@ def post_webhook(url:str, alert:dict, timeout:float=10)->bool:
     try: return httpx.post(url, json=alert, timeout=timeout).status_code < 300
     except httpx.HTTPError as e: get_logger('petpark.monitor').warning(f'alert not posted to {url}: {type(e).__name__}'); return False
 
-def update_alerts(db, checks:list, now:float=None, webhook:str='')->dict:
+def update_alerts(db, checks:list, at:float=None, webhook:str='')->dict:
     "Open, refresh or close the stored alerts for `checks` in the log `db` (a db_url or a SQLite file); returns the alerts `opened` now, still `open`, and `closed`"
-    now, res = now or time.time(), dict(opened=[], open=[], closed=[])
+    t, res = at or now(), dict(opened=[], open=[], closed=[])
     con = Db(db)
     try:
         con.execute(ALERTS_SCHEMA)
@@ -244,13 +246,13 @@ def update_alerts(db, checks:list, now:float=None, webhook:str='')->dict:
             row = con.execute('SELECT id FROM alerts WHERE check_name=? AND closed IS NULL', (c['check'],)).fetchone()
             if c['verdict'] == 'alert':
                 a = dict(check=c['check'], severity=c.get('severity', 'warning'), words=c['words'], evidence=c.get('evidence'), action=c.get('action'))
-                if row: con.execute('UPDATE alerts SET last_seen=?, words=? WHERE id=?', (now, c['words'], row[0])); res['open'].append(a); continue
+                if row: con.execute('UPDATE alerts SET last_seen=?, words=? WHERE id=?', (t, c['words'], row[0])); res['open'].append(a); continue
                 con.execute('INSERT INTO alerts(check_name, severity, opened, last_seen, words, evidence, action) VALUES (?,?,?,?,?,?,?)',
-                            (c['check'], a['severity'], now, now, c['words'], json.dumps(a['evidence']), a['action']))
+                            (c['check'], a['severity'], t, t, c['words'], json.dumps(a['evidence']), a['action']))
                 res['opened'].append(a)
-                if webhook: post_webhook(webhook, dict(a, opened=now))
+                if webhook: post_webhook(webhook, dict(a, opened=t))
             elif c['verdict'] == 'ok' and row:
-                con.execute('UPDATE alerts SET closed=? WHERE id=?', (now, row[0])); res['closed'].append(c['check'])
+                con.execute('UPDATE alerts SET closed=? WHERE id=?', (t, row[0])); res['closed'].append(c['check'])
     finally: con.close()
     return res
 
@@ -312,7 +314,7 @@ def petpark_monitor(since:str=None, # window start, YYYY-MM-DD[THH:MM] (default:
                     as_json:store_true=False): # print the checks and alerts as JSON instead of words
     "Check production: integrity, data drift, prediction drift and bias, model drift from feedback, telemetry; store and post alerts"
     P, s = load_params(), get_settings()
-    end = _when(until, 'until') if until else time.time()
+    end = _when(until, 'until') if until else now()
     start = _when(since, 'since') if since else end - 3600*(last or P.monitor.window_hours)
     if stage not in ('prod', 'staging', 'all'): raise PetparkError(f'--stage {stage!r}: use prod, staging or all')
     st, db = None if stage == 'all' else stage, log_url(db_url)

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['REPORT_CSS', 'labelled_photos', 'test_split_photos', 'api_info', 'post_photos', 'predict_photos', 'load_test',
            'png_bomb', 'hostile_inputs', 'check_smoke', 'check_consistency', 'check_quality', 'check_hostile',
-           'check_load', 'run_preprod', 'report_html', 'write_preprod_report', 'camera', 'petpark_preprod_test',
-           'petpark_camera']
+           'check_load', 'run_preprod', 'report_html', 'verdict_words', 'write_preprod_report', 'camera',
+           'petpark_preprod_test', 'petpark_camera']
 
 # %% ../nbs/82_preprod.ipynb #b7ed3329
 import html, io, json, os, random, struct, threading, time, zlib
@@ -34,11 +34,12 @@ def labelled_photos(images, classes=('Cat', 'Dog'), per_class:int=0)->list:
     return out
 
 def test_split_photos(per_class:int, manifest=MANIFEST, data='data')->list:
-    "`(path, label)` for the first `per_class` photos of each class in the lake snapshot's test split"
+    "`(path, label)` for the first `per_class` photos of each class in the lake snapshot's test split (0: all of them)"
     m = proj_path(manifest)
     if not m.exists(): raise PetparkError(f'no manifest at {m}: run `dvc repro ingest`, or pass --images DIR')
     man = pd.read_csv(m, usecols=['path', 'label', 'status'])
-    t = man[man.status == 'test'].groupby('label').head(per_class)
+    t = man[man.status == 'test']
+    if per_class: t = t.groupby('label').head(per_class)
     return [(proj_path(data)/p, l) for p, l in zip(t.path, t.label)]
 
 # %% ../nbs/82_preprod.ipynb #9fe2bde5
@@ -235,7 +236,7 @@ def _rows(rows:list)->str:
 
 def report_html(res:dict)->str:
     "The pre-production report as one self-contained HTML page"
-    verdict = lambda ok: f"<span class={'pass' if ok else 'fail'}>{'PASS' if ok else 'FAIL'}</span>"
+    verdict = verdict_words
     m, by = res['model'], {c['check']: c for c in res['checks']}
     checks = ''.join(f"<tr><td>{html.escape(c['check'])}</td><td>{verdict(c['passed'])}</td><td>{html.escape(c['detail'])}</td></tr>" for c in res['checks'])
     q = by['accuracy']['quality']
@@ -250,7 +251,20 @@ def report_html(res:dict)->str:
             f"<p>Confusion (rows: true, columns: predicted): {html.escape(json.dumps(q['confusion']))}</p>"
             f"<h2>Fairness</h2><p>The model {html.escape(by['fairness']['bias']['statement'])}.</p>"
             f"<h2>Hostile inputs</h2>{_rows(by['hostile inputs']['cases'])}"
-            f"<h2>Load</h2>{_rows([by['load']['load']])}</body></html>")
+            f"<h2>Load</h2>{_rows([by['load']['load']])}" + _challenge_html(res.get('challenge')) + "</body></html>")
+
+def _challenge_html(ch:dict|None)->str:
+    "The champion-challenger comparison the registry holds for this version (`govern.challenge`), for QA"
+    if not ch: return ''
+    if ch.get('champion_version') in (None, ch.get('challenger_version')): return f"<h2>Champion and challenger</h2><p>{html.escape(ch['words'])}.</p>"
+    rows = [dict(model=f"{ch[k + '_version']} ({k})", accuracy=f"{ch[k]['accuracy']:.2%}", ci95=' to '.join(f'{x:.2%}' for x in ch[k]['ci95']))
+            for k in ('champion', 'challenger')]
+    return (f"<h2>Champion and challenger</h2><p>{verdict_words(ch['not_worse'], 'not worse', 'worse')}: {html.escape(ch['words'])}.</p>{_rows(rows)}"
+            f"<p>Photos: {ch['photos']['test']} of the test split and {ch['photos']['production']} staff-labelled production photos the challenger did not train on.</p>")
+
+def verdict_words(ok:bool, yes:str='PASS', no:str='FAIL')->str:
+    "A verdict as the report colours it"
+    return f"<span class={'pass' if ok else 'fail'}>{yes if ok else no}</span>"
 
 def write_preprod_report(res:dict, out)->Path:
     "The report as `out`.json and `out`.html; returns the HTML path"
@@ -319,7 +333,7 @@ def petpark_preprod_test(stage:str='staging', # the registry stage whose live se
     v = reg.resolve(stage)['version']
     items = labelled_photos(images, P.ingest.classes, n) if images else test_split_photos(n)
     res = run_preprod(_api_url(url), items, P.preprod, P.evaluate, expect_version=v)
-    res['by'] = user_name(by)
+    res['by'], res['challenge'] = user_name(by), reg.latest_challenge(v)  # QA reads the comparison with the checks
     page = write_preprod_report(res, proj_path(out or f'reports/preprod_{v}'))
     reg.record_preprod(v, res['passed'], res['failed'], os.path.relpath(page, proj_root()), res['url'], by)
     print('\n'.join(f"{'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['detail']}" for c in res['checks']))

@@ -18,7 +18,7 @@ from fastcore.script import call_parse
 # %% ../nbs/80_registry.ipynb #5673d393
 DEPLOY_STAGES = ('staging', 'prod')  # where a registered version is served (the pipeline's stages are core.PIPELINE_STAGES)
 
-def _now(): return datetime.now(timezone.utc).isoformat(timespec='seconds')
+def _now(): return datetime.fromtimestamp(now(), timezone.utc).isoformat(timespec='seconds')  # the site's clock
 
 def file_hashes(paths:list)->dict:
     "sha256 of each file, by file name: a version's identity"
@@ -64,6 +64,11 @@ class Registry:
         return [json.loads(l) for l in self.audit_path.read_text().splitlines()] if self.audit_path.exists() else []
 
 # %% ../nbs/80_registry.ipynb #0028a417
+def _clear_unregistered(d:Path, ver:str):
+    "Remove what a registration killed half-way left (its temporary folder, or `ver`'s folder with no state record): under the lock, nobody else is registering"
+    for p in [*d.glob('tmp*'), d/ver]:
+        if p.is_dir(): shutil.rmtree(p)
+
 @patch_to(Registry)
 def register(self, files:list, info:dict=None, by=None)->dict:
     "Copy `files` in as a new version (or return the existing one with the same files); `info` keeps gate and metrics"
@@ -75,6 +80,7 @@ def register(self, files:list, info:dict=None, by=None)->dict:
         for v in st['versions'].values():
             if v['files'] == hashes: return v
         ver = f"v{len(st['versions']) + 1}"
+        _clear_unregistered(self.dir, ver)
         tmp = Path(tempfile.mkdtemp(dir=self.dir))
         for f in files: shutil.copy2(f, tmp/f.name)
         os.replace(tmp, self.dir/ver)
@@ -131,6 +137,21 @@ def record_preprod(self, ref:str, passed:bool, failed:list=(), report:str=None, 
     with self._locked() as st: st.setdefault('preprod', {}).setdefault(v['version'], []).append(rec)
     self.audit('preprod-test', by, version=v['version'], passed=rec['passed'], failed=rec['failed'], report=rec['report'])
     return rec
+
+@patch_to(Registry)
+def record_challenge(self, ref:str, result:dict, by=None)->dict:
+    "Keep the champion-challenger comparison of version `ref` (`judge.champion_challenger`, with the champion's version): QA reads it with the pre-production report"
+    v = self.resolve(ref)
+    rec = dict(result, at=_now(), by=user_name(by))
+    with self._locked() as st: st.setdefault('challenges', {}).setdefault(v['version'], []).append(rec)
+    self.audit('champion-challenger', by, version=v['version'], champion=result.get('champion_version'), not_worse=result['not_worse'], words=result['words'])
+    return rec
+
+@patch_to(Registry)
+def latest_challenge(self, ref:str)->dict|None:
+    "The last champion-challenger comparison of version `ref`, if any"
+    runs = self.state().get('challenges', {}).get(self.resolve(ref)['version'], [])
+    return runs[-1] if runs else None
 
 @patch_to(Registry)
 def latest_preprod(self, ref:str)->dict|None:

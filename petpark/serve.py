@@ -264,12 +264,12 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
         except BadInput as e:
             await run_in_threadpool(log.refusal, e.code, e.status, e.file)
             return _err(e, m)
-        rid, now = uuid.uuid4().hex, time.time()
+        rid, t = uuid.uuid4().hex, now()
         latency = (time.perf_counter() - t0)*1000
         rows, preds = [], []
         for i, ((n, b, sha, f), p, e, l) in enumerate(zip(photos_in, probs, emb, labels)):
             pr = {c: round(float(v), 6) for c, v in zip(model.classes, p)}
-            rows.append(dict(request_id=rid, item=i, time=now, model_version=model.version, model_hash=model.hash, variant=model.variant,
+            rows.append(dict(request_id=rid, item=i, time=t, model_version=model.version, model_hash=model.hash, variant=model.variant,
                              input_sha256=sha, filename=n, format=f['format'], width=f['width'], height=f['height'],
                              brightness=f['brightness'], contrast=f['contrast'], saturation=f['saturation'], embedding=np.asarray(e, np.float32).tobytes(),
                              label=str(l), probs=json.dumps(pr), latency_ms=round(latency, 3)))
