@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['GOVERN_SCHEMA', 'EXT', 'new_labels', 'hold', 'review', 'write_batch', 'mark_batch', 'feedback_batch', 'pin_lake',
-           'repro_version', 'unfinished_batch', 'challenge_photos', 'version_labels', 'challenge', 'candidate',
-           'retrain', 'lineage', 'lineage_text', 'petpark_retrain', 'petpark_lineage']
+           'repro_version', 'retrain_lock', 'unfinished_batch', 'challenge_photos', 'version_labels', 'challenge',
+           'candidate', 'retrain', 'lineage', 'lineage_text', 'petpark_retrain', 'petpark_lineage']
 
 # %% ../nbs/83_govern.ipynb #53baf2c1
-import json, os, shutil, tempfile, time
+import fcntl, json, os, shutil, tempfile, time
+from contextlib import contextmanager
 from pathlib import Path
 import numpy as np, pandas as pd, yaml
 from .core import *
@@ -121,10 +122,21 @@ def pin_lake(root:Path, reg:Registry, who:str, say=print, **why)->str:
 
 def repro_version(root:Path, reg:Registry, who:str, say=print, **why)->str:
     "`dvc repro`: trained, judged, packaged and registered (the package stage registers); audited; the registered version"
+    from petpark.pipeline import release_dead_dvc_locks
+    if (dead := release_dead_dvc_locks(root)): say(f'released the DVC locks of killed runs (pids {dead})')
     _run(['dvc', 'repro'], root, say)
     pk = json.loads((root/'metrics/package.json').read_text())['registered']
     reg.audit('retrain-repro', who, version=pk['version'], model_hash=pk['model_hash'], **why)
     return pk['version']
+
+@contextmanager
+def retrain_lock(reg:Registry):
+    "One retrain (or lake repro) at a time on this site, whoever starts it: a lock file in the registry's folder, dropped by the kernel with its process (a killed retrain leaves none); a second is refused at once"
+    with open(reg.dir/'retrain.lock', 'w') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: raise PetparkError('another retrain runs on this site: wait for it to finish (`petpark loop status`, the audit log)') from None
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 def unfinished_batch(reg:Registry)->str|None:
     "The batch of a retrain that stopped after writing it (killed: neither `retrain-done` nor `retrain-failed` followed), which the next retrain takes up"
@@ -192,16 +204,17 @@ def retrain(db=None, params:Params=None, registry:Registry=None, by=None, say=pr
     "Staff-labelled photos → a new lake batch → `data.dvc` pinned → `dvc repro` → champion vs challenger → staging → pre-production test; the version then awaits QA"
     P, root = params or load_params(), proj_root()
     db, reg, who = log_url(db), registry or Registry(), user_name(by)
-    left = unfinished_batch(reg)
-    if left: reg.audit('retrain-resume', who, batch=left); say(f'taking up the retrain of {left}, which stopped before it finished')
-    b = dict(batch=left, resumed=True) if left else feedback_batch(db, P, reg, who, say)
-    try:
-        md5 = pin_lake(root, reg, who, say, batch=b['batch'])
-        ver = repro_version(root, reg, who, say, batch=b['batch'])
-        res = dict(b, data_dvc_md5=md5, **candidate(ver, db, P, reg, who, say, note=f"retrained on {b['batch']}"))
-    except PetparkError as e:
-        reg.audit('retrain-failed', who, batch=b['batch'], error=str(e)[-500:]); raise
-    reg.audit('retrain-done', who, **res)
+    with retrain_lock(reg):
+        left = unfinished_batch(reg)
+        if left: reg.audit('retrain-resume', who, batch=left); say(f'taking up the retrain of {left}, which stopped before it finished')
+        b = dict(batch=left, resumed=True) if left else feedback_batch(db, P, reg, who, say)
+        try:
+            md5 = pin_lake(root, reg, who, say, batch=b['batch'])
+            ver = repro_version(root, reg, who, say, batch=b['batch'])
+            res = dict(b, data_dvc_md5=md5, **candidate(ver, db, P, reg, who, say, note=f"retrained on {b['batch']}"))
+        except PetparkError as e:
+            reg.audit('retrain-failed', who, batch=b['batch'], error=str(e)[-500:]); raise
+        reg.audit('retrain-done', who, **res)
     return res
 
 # %% ../nbs/83_govern.ipynb #7d67fe8d

@@ -6,8 +6,8 @@
 __all__ = ['GRAY', 'DRIFT_ACTION', 'ALERTS_SCHEMA', 'build_reference', 'save_reference', 'load_reference', 'read_window',
            'mmd_test', 'pca_fit', 'holm', 'bbse_share', 'drift_checks', 'prediction_checks', 'model_checks',
            'telemetry_checks', 'host_check', 'read_responses', 'server_error_check', 'post_webhook', 'update_alerts',
-           'monitor_window', 'served_version', 'served_reference', 'run_monitor', 'monitor_text', 'petpark_monitor',
-           'export_window', 'open_alerts', 'monitor_stage', 'fig_window']
+           'monitor_window', 'photos_drifted', 'served_version', 'served_reference', 'run_monitor', 'monitor_text',
+           'petpark_monitor', 'export_window', 'open_alerts', 'monitor_stage', 'fig_window']
 
 # %% ../nbs/07_monitor.ipynb #f4cb3b7d
 import json, shutil, time
@@ -262,7 +262,11 @@ def monitor_window(db, reference:dict, positive:str, since:float, until:float, p
     df, emb, refused, host = read_window(db, since, until, p.max_embeddings, stage=stage)
     drift = drift_checks(df, emb, reference, positive, p)
     return [*telemetry_checks(df, refused, host, since, until, p), server_error_check(read_responses(db, since, until, stage), p), *drift,
-            *prediction_checks(df, reference, positive, p, drifted=any(c['verdict'] == 'alert' for c in drift)), *model_checks(df, positive, p)]
+            *prediction_checks(df, reference, positive, p, drifted=photos_drifted(drift, positive)), *model_checks(df, positive, p)]
+
+def photos_drifted(drift:list, positive:str)->bool:
+    "Whether the photos themselves drifted: a drift alert on the embeddings or the pictures' statistics. The model's own p(positive) moves with the class mix too, so it alone says nothing about the photos"
+    return any(c['verdict'] == 'alert' and c['check'] != f'data drift: p({positive.lower()})' for c in drift)
 
 def served_version(db, since:float, until:float, stage:str=None)->str|None:
     "The model version that served most of the window (None: no predictions in it)"

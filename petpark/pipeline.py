@@ -4,17 +4,18 @@
 
 # %% auto #0
 __all__ = ['REMOTE', 'RECIPE', 'take_lake', 'petpark_data', 'petpark_repro', 'remote_config', 'petpark_remote',
-           'experiment_table', 'with_earlier', 'experiments_markdown', 'petpark_experiments', 'module_imports',
-           'notebook_imports', 'module_closure', 'stage_code']
+           'experiment_table', 'with_earlier', 'experiments_markdown', 'petpark_experiments', 'release_dead_dvc_locks',
+           'copy_project', 'lake_sample', 'set_params', 'module_imports', 'notebook_imports', 'module_closure',
+           'stage_code']
 
 # %% ../nbs/84_pipeline.ipynb #52a361fb
-import ast, json, os, re
+import ast, json, os, re, shutil
 from pathlib import Path
 import pandas as pd, yaml
 from fastcore.script import call_parse
 from .core import *
 from .judge import wilson
-from .proc import run_tool
+from .proc import pid_alive, run_tool
 
 # %% ../nbs/84_pipeline.ipynb #a43c87de
 def take_lake(root=None)->dict:
@@ -131,6 +132,47 @@ def petpark_experiments(commits:int=1, # list the experiments of this many commi
                    'jobs shared the cores). Rows of an earlier table that this clone\'s `dvc exp show` no longer lists are kept: they '
                    'were measured in another clone, maybe on another machine.\n\n' + experiments_markdown(df))
     print(df.to_string(index=False)); print(f'written: {out}')
+
+# %% ../nbs/84_pipeline.ipynb #2cc00970
+def release_dead_dvc_locks(root=None)->list:
+    "Drop the entries in DVC's `.dvc/tmp/rwlock` of processes that are gone or zombies (a killed `dvc repro`); the pids dropped"
+    f = proj_root(root)/'.dvc/tmp/rwlock'
+    if not f.exists(): return []
+    lock, dead = json.loads(f.read_text()), set()
+    for mode in ('read', 'write'):
+        for path, infos in list(lock.get(mode, {}).items()):
+            keep = [i for i in (infos if isinstance(infos, list) else [infos]) if pid_alive(i['pid']) or dead.add(i['pid'])]
+            if not keep: del lock[mode][path]
+            else: lock[mode][path] = keep if isinstance(infos, list) else keep[0]
+    if dead: f.write_text(json.dumps(lock))
+    return sorted(dead)
+
+# %% ../nbs/84_pipeline.ipynb #2adad28f
+def copy_project(dst, root=None)->Path:
+    "The project's tracked and new files (no venv, data, caches or outputs) copied to `dst`, as a fresh clone would have them"
+    r, dst = proj_root(root), Path(dst)
+    for f in filter(None, run_tool('git', 'ls-files', '-co', '--exclude-standard', cwd=r).split('\n')):
+        if (r/f).is_file(): (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(r/f, dst/f)
+    return dst
+
+def lake_sample(dst, per_class:int, start:int=0, lake=None, classes=('Cat', 'Dog'))->Path:
+    "A lake at `dst` of `per_class` real photos a class from the site's lake (numbered photos, from the `start`-th), readable and writable"
+    src, dst = Path(lake or lake_path()), Path(dst)
+    for c in classes:
+        (dst/c).mkdir(parents=True, exist_ok=True)
+        for f in sorted(p for p in (src/c).glob('*.jpg') if p.stem.isdigit())[start:start + per_class]:
+            shutil.copy(f, dst/c/f.name); (dst/c/f.name).chmod(0o644)
+    return dst
+
+def set_params(path, changes:dict):
+    "Set params in the params file `path` as `dvc exp run -S` would: `changes` by dotted key (`train.img_size`)"
+    p = yaml.safe_load(Path(path).read_text())
+    for k, v in changes.items():
+        *head, last = k.split('.'); d = p
+        for h in head: d = d[h]
+        if last not in d: raise PetparkError(f'{path} has no param {k}: check its name against params.yaml')
+        d[last] = v
+    Path(path).write_text(yaml.safe_dump(p, sort_keys=False))
 
 # %% ../nbs/84_pipeline.ipynb #7810accc
 def module_imports(source:str)->set:

@@ -3,6 +3,7 @@ from pathlib import Path
 from types import SimpleNamespace
 import pytest, yaml
 from petpark.testing import TEST_LAKE, TINY, LENIENT  # defined once, for lessons and tests alike
+from petpark.pipeline import copy_project, lake_sample, set_params
 
 ROOT = Path(__file__).resolve().parents[1]
 LAKE = (ROOT/'../shared/data/petpark-lake').resolve()
@@ -16,10 +17,7 @@ def tree_digest(root: Path) -> dict:
 
 def make_lake(dst: Path, per_class: int, start: int = 0, dirty: bool = True) -> Path:
     "A lake of `per_class` real photos per class from the park's lake (from index `start`), plus the test lake's dirt"
-    for label in ['Cat', 'Dog']:
-        (dst/label).mkdir(parents=True, exist_ok=True)
-        real = sorted(p for p in (LAKE/label).glob('*.jpg') if p.stem.isdigit())
-        for p in real[start:start + per_class]: shutil.copy(p, dst/label/p.name)
+    lake_sample(dst, per_class, start, lake=LAKE)
     if dirty: shutil.copytree(TEST_LAKE, dst, dirs_exist_ok=True)
     for p in dst.rglob('*'): p.chmod(0o755 if p.is_dir() else 0o644)
     return dst
@@ -47,15 +45,6 @@ def petpark(*args, env, cwd=ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(['petpark', *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def set_params(path: Path, **dotted):
-    p = yaml.safe_load(path.read_text())
-    for k, v in dotted.items():
-        *head, last = k.split('.'); d = p
-        for h in head: d = d[h]
-        d[last] = v
-    path.write_text(yaml.safe_dump(p, sort_keys=False))
-
-
 def sh(cmd, cwd, env):
     r = subprocess.run(cmd, shell=True, cwd=cwd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, f'{cmd} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
@@ -64,12 +53,7 @@ def sh(cmd, cwd, env):
 
 def copy_repo(dst: Path) -> Path:
     "The checkout's tracked and new files (no venv, data, caches or outputs), as a fresh clone would have them"
-    files = subprocess.run(['git', 'ls-files', '-co', '--exclude-standard'], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split('\n')
-    for f in filter(None, files):
-        if (ROOT/f).is_file():
-            (dst/f).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(ROOT/f, dst/f)
-    return dst
+    return copy_project(dst, ROOT)
 
 
 def dvc_outs(repo: Path) -> list:
@@ -96,7 +80,7 @@ def tiny_pipeline(tmp_path_factory):
     env = venv_env(); env.pop('WANDB_DIR', None)
     env.update(PETPARK_LAKE=str(lake), PYTHONPATH=str(repo), PETPARK_CACHE_DIR=str(tmp/'cache'), WANDB_MODE='offline',
                GIT_AUTHOR_NAME='t', GIT_AUTHOR_EMAIL='t@t', GIT_COMMITTER_NAME='t', GIT_COMMITTER_EMAIL='t@t')
-    set_params(repo/'params.yaml', **TINY, **{'retrain.hold_confidence': 0.5})  # a tiny model is never sure: every label that contradicts it is held
+    set_params(repo/'params.yaml', {**TINY, 'retrain.hold_confidence': 0.5})  # a tiny model is never sure: every label that contradicts it is held
     (repo/'artifacts/ingest/reviews.csv').write_text('sha256,path,decision,label,by,date,why\n')  # this lake's review has not begun
     sh('git init -q && git add -A && git commit -qm base', repo, env)
     data = sh('petpark data', repo, env)
@@ -104,7 +88,7 @@ def tiny_pipeline(tmp_path_factory):
     strict = SimpleNamespace(returncode=r.returncode, out=r.stdout + r.stderr, onnx=(repo/'artifacts/package/model.onnx').exists(),
                              explain=(repo/'reports/05_explain.html').exists(),
                              evaluate=json.loads((repo/'metrics/evaluate.json').read_text()))
-    set_params(repo/'params.yaml', **LENIENT)
+    set_params(repo/'params.yaml', LENIENT)
     lenient = sh('dvc repro', repo, env)
     sh("git add -A && git commit -qm 'tiny run'", repo, env)
     return SimpleNamespace(repo=repo, lake=lake, env=env, lake_digest=lake_digest, data=data, strict=strict, lenient=lenient,
