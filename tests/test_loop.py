@@ -3,6 +3,7 @@ schedule that neither loses nor repeats a run across a restart; one retrain at a
 rehearsal site (a real pipeline, a live prod server on a fast clock, camera traffic and staff labels), with a retrain
 killed by kill -9 at its end"""
 import json, os, signal, sqlite3, subprocess, time
+from datetime import datetime, timezone
 import httpx, pytest
 from petpark.proc import free_port
 from conftest import petpark, venv_env
@@ -14,11 +15,12 @@ def loop_env(tmp_path, **extra):
                     PETPARK_DB_URL=f'sqlite:///{tmp_path}/log.sqlite', PETPARK_LOOP_LAKE_EVERY_S='86400', **extra)
 
 
-def runs(env, deployment):
-    "The deployment's flow runs, oldest expected first"
+def runs(env, deployment, before:float=None):
+    "The deployment's flow runs (expected to start before `before`, if given), oldest expected first"
     api = f"http://127.0.0.1:{env['PETPARK_LOOP_PORT']}/api"
     dep = [d['id'] for d in httpx.post(api + '/deployments/filter', json={}).json() if d['name'] == deployment]
-    return httpx.post(api + '/flow_runs/filter', json={'deployments': {'id': {'any_': dep}}, 'sort': 'EXPECTED_START_TIME_ASC', 'limit': 200}).json()
+    when = {'flow_runs': {'expected_start_time': {'before_': datetime.fromtimestamp(before, timezone.utc).isoformat()}}} if before else {}
+    return httpx.post(api + '/flow_runs/filter', json={'deployments': {'id': {'any_': dep}}, 'sort': 'EXPECTED_START_TIME_ASC', 'limit': 200, **when}).json()
 
 
 def wait_for(what, timeout, every=3):
@@ -46,17 +48,21 @@ def test_the_loop_serves_its_deployments_and_keeps_its_schedule_across_a_restart
         stopped = time.time(); time.sleep(max(0, 65 - (time.time() % 60)) + 5)  # a scheduled minute passes with the loop stopped
         assert petpark('loop', 'start', env=env).returncode == 0
         missed = lambda: [x for x in runs(env, 'daily-monitor') if x['state_type'] == 'COMPLETED' and stopped < _t(x['expected_start_time']) < stopped + 60]
-        assert wait_for(missed, 150), [(x['expected_start_time'], x['state_name']) for x in runs(env, 'daily-monitor')[:6]]
+        late = wait_for(missed, 150)
+        assert late, [(x['expected_start_time'], x['state_name']) for x in runs(env, 'daily-monitor')[:6]]
         times = [x['expected_start_time'] for x in runs(env, 'daily-monitor')]
         assert len(times) == len(set(times)), 'no scheduled run twice'
-        done = [x for x in runs(env, 'daily-monitor') if _t(x['expected_start_time']) < time.time() - 90]
-        assert done and all(x['state_type'] == 'COMPLETED' for x in done), 'none lost: every minute that has passed ran'
+        past = [x for x in runs(env, 'daily-monitor', before=_t(late[0]['expected_start_time']) + 1) if _t(x['expected_start_time']) >= _t(ran[0]['expected_start_time'])]
+        minutes = [_t(x['expected_start_time']) for x in past]
+        seen = [(x['expected_start_time'], x['state_name']) for x in past]
+        assert minutes == [minutes[0] + 60*i for i in range(len(minutes))] and len(minutes) >= 2, f'every minute from the first run to the one missed while stopped has its run: {seen}'
+        assert all(x['state_type'] == 'COMPLETED' for x in past), f'none lost: every minute that has passed ran: {seen}'
         audit = [json.loads(l) for l in (tmp_path/'registry/petpark-classifier/audit.jsonl').read_text().splitlines()]
         assert [a['words'] for a in audit if a['action'] == 'loop-decision'][0] == 'nothing alerted', 'each decision is audited in words'
     finally: petpark('loop', 'stop', env=env)
 
 
-def _t(iso): return __import__('datetime').datetime.fromisoformat(iso.replace('Z', '+00:00')).timestamp()
+def _t(iso): return datetime.fromisoformat(iso.replace('Z', '+00:00')).timestamp()
 
 
 def test_the_loop_runs_on_postgresql(tmp_path, pg_url):
