@@ -15,7 +15,7 @@ from .core import *
 COMMANDS = {'data': 'pipeline', 'ingest': 'ingest', 'eda': 'eda', 'review': 'review', 'train': 'train', 'evaluate': 'evaluate',
             'explain': 'explain', 'package': 'package', 'experiments': 'pipeline', 'repro': 'pipeline', 'remote': 'pipeline',
             'registry': 'registry', 'serve': 'serve', 'preprod-test': 'preprod', 'camera': 'preprod', 'monitor': 'monitor',
-            'retrain': 'govern', 'lineage': 'govern', 'loop': 'loop', 'dashboard': 'dashboard',
+            'retrain': 'govern', 'lineage': 'govern', 'loop': 'loop', 'rollout': 'rollout', 'dashboard': 'dashboard',
             'bench': {'ingest': 'bench', 'scale': 'bench', 'latency': 'bench_serve', 'evaluate': 'bench_serve', 'serve': 'bench_serve',
                       'monitor': 'bench_monitor', 'dashboard': 'dashboard', 'loop': 'loop'}}
 

@@ -6,9 +6,9 @@
 __all__ = ['PIPELINE_STAGES', 'MANIFEST', 'PetparkError', 'proj_root', 'proj_path', 'from_dict', 'Settings', 'get_settings',
            'site_root', 'site_path', 'user_name', 'now', 'fast_clock', 'lake_path', 'BaseParams', 'IngestParams',
            'ReviewParams', 'EdaParams', 'SearchParams', 'TrainParams', 'EvaluateParams', 'ExplainParams',
-           'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams', 'LoopParams', 'Params', 'load_params',
-           'override', 'write_metrics', 'md_table', 'write_report', 'get_logger', 'sha256_bytes', 'HashCache',
-           'data_dvc_md5', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
+           'PackageParams', 'PreprodParams', 'MonitorParams', 'RetrainParams', 'LoopParams', 'RolloutParams', 'Params',
+           'load_params', 'override', 'write_metrics', 'md_table', 'write_report', 'get_logger', 'sha256_bytes',
+           'HashCache', 'data_dvc_md5', 'to_rgb', 'open_rgb', 'model_input', 'photo_grid']
 
 # %% ../nbs/00_core.ipynb #9edaf0b0
 import configparser, getpass, hashlib, io, json, logging, os, sqlite3, sys, time
@@ -87,6 +87,8 @@ class Settings:
     loop_port:int=4200                           # the Prefect server (API and UI) on 127.0.0.1
     loop_home:str='.prefect'                     # the loop's state: Prefect's database (SQLite), logs, process ids (site state)
     loop_db_url:str=''                           # Prefect's database: empty, SQLite in loop_home; or postgresql+asyncpg://user@host/db
+    rollout_every_s:float=30                     # `petpark rollout watch` judges a running rollout this often
+    serve_shadow_queue:int=64                    # requests waiting for the second model of a rollout (shadow, mirror); past it they are dropped, counted
 
 def get_settings(root=None)->Settings:
     "`settings.ini`'s `[petpark]` section as `Settings`, each key overridden by a `PETPARK_<KEY>` environment variable"
@@ -205,10 +207,16 @@ class LoopParams:
     alpha:float; max_accuracy_drop:float
 
 @dataclass(frozen=True)
+class RolloutParams:
+    steps:list; min_requests:int; max_failures:int; max_error_share:float; max_p99_ms:float; max_share_diff:float
+    max_disagreement:float; alpha:float; ab_min_effect:float; ab_power:float
+
+@dataclass(frozen=True)
 class Params:
     "Every knob of the science: `params.yaml`, one section per stage plus `base`"
     base:BaseParams; ingest:IngestParams; eda:EdaParams; train:TrainParams; evaluate:EvaluateParams
     explain:ExplainParams; package:PackageParams; preprod:PreprodParams; monitor:MonitorParams; retrain:RetrainParams; loop:LoopParams
+    rollout:RolloutParams
 
 # %% ../nbs/00_core.ipynb #ba19d541
 def load_params(path='params.yaml')->Params:

@@ -145,11 +145,14 @@ def log_exists(db=None)->bool:
 LOG_SCHEMA = '''CREATE TABLE IF NOT EXISTS predictions(
   request_id TEXT, item INT, time REAL, stage TEXT, model_version TEXT, model_hash TEXT, variant TEXT, input_sha256 TEXT,
   filename TEXT, format TEXT, width INT, height INT, brightness REAL, contrast REAL, saturation REAL, embedding BLOB,
-  label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, PRIMARY KEY (request_id, item));
+  label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, camera TEXT, arm TEXT, rollout TEXT, PRIMARY KEY (request_id, item));
 CREATE TABLE IF NOT EXISTS refusals(time REAL, problem TEXT, status INT, filename TEXT, bytes INT, stage TEXT);
 CREATE TABLE IF NOT EXISTS host(time REAL, stage TEXT, cpu_pct REAL, mem_pct REAL, disk_pct REAL, temp_c REAL, rss_mb REAL);
-CREATE TABLE IF NOT EXISTS responses(time REAL, stage TEXT, endpoint TEXT, status INT, n INT)'''
-_ADDED = {'predictions': ['stage TEXT', 'saturation REAL'], 'refusals': ['stage TEXT']}  # columns newer than a log may be
+CREATE TABLE IF NOT EXISTS responses(time REAL, stage TEXT, endpoint TEXT, status INT, n INT);
+CREATE TABLE IF NOT EXISTS shadow(request_id TEXT, item INT, time REAL, stage TEXT, rollout TEXT, arm TEXT, model_version TEXT,
+  label TEXT, probs TEXT, latency_ms REAL, PRIMARY KEY (request_id, item, arm));
+CREATE TABLE IF NOT EXISTS rollout_events(time REAL, stage TEXT, rollout TEXT, arm TEXT, event TEXT, n INT)'''
+_ADDED = {'predictions': ['stage TEXT', 'saturation REAL', 'camera TEXT', 'arm TEXT', 'rollout TEXT'], 'refusals': ['stage TEXT']}  # columns newer than a log may be
 
 class InferenceLog:
     "Durable, thread-safe log of predictions, refusals and host telemetry in the `db_url`'s database, committed before the caller returns"
@@ -184,6 +187,20 @@ class InferenceLog:
         rows = [dict(r, stage=self.stage) for r in rows]; cols = list(rows[0])
         with self.lock, self.db.transaction():
             self.db.executemany(f"INSERT INTO predictions({','.join(cols)}) VALUES ({','.join('?'*len(cols))})", [tuple(r.values()) for r in rows])
+
+    def shadow(self, rows:list):
+        "Log the second opinions of a rollout: the model that did not answer, on the same photos (`arm` names that model)"
+        if not rows: return
+        rows = [dict(r, stage=self.stage) for r in rows]; cols = list(rows[0])
+        with self.lock, self.db.transaction():
+            self.db.executemany(f"INSERT OR IGNORE INTO shadow({','.join(cols)}) VALUES ({','.join('?'*len(cols))})", [tuple(r.values()) for r in rows])
+
+    def rollout_events(self, counts:dict):
+        "Log how often each (rollout, arm, event) happened since the last call: a challenger's failed runs, second opinions dropped"
+        if not counts: return
+        t = now()
+        with self.lock, self.db.transaction():
+            self.db.executemany('INSERT INTO rollout_events(time, stage, rollout, arm, event, n) VALUES (?,?,?,?,?,?)', [(t, self.stage, *k, n) for k, n in counts.items()])
 
     def refusal(self, problem:str, status:int, filename:str=None, size:int=None):
         "Log one refused input: what was wrong with it, never its bytes (the monitors count refusals by problem)"

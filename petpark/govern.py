@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['GOVERN_SCHEMA', 'EXT', 'new_labels', 'hold', 'review', 'write_batch', 'mark_batch', 'feedback_batch', 'pin_lake',
            'repro_version', 'retrain_lock', 'unfinished_batch', 'challenge_photos', 'version_labels', 'challenge',
-           'candidate', 'retrain', 'lineage', 'lineage_text', 'petpark_retrain', 'petpark_lineage']
+           'candidate', 'retrain', 'lineage', 'rollout_words', 'lineage_text', 'petpark_retrain', 'petpark_lineage']
 
 # %% ../nbs/83_govern.ipynb #53baf2c1
 import fcntl, json, os, shutil, tempfile, time
@@ -227,12 +227,13 @@ def lineage(request_id:str, db=None, registry:Registry=None)->dict:
     db, reg, root = log_url(db), registry or Registry(), proj_root()
     if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)} (db_url setting)')
     con = Db(db, readonly=True)
-    try: rows = con.frame('SELECT item, time, stage, model_version, model_hash, variant, input_sha256, filename, label, probs, feedback '
+    try: rows = con.frame('SELECT item, time, stage, model_version, model_hash, variant, input_sha256, filename, label, probs, feedback, camera, arm, rollout '
                                   'FROM predictions WHERE request_id = ? ORDER BY item', (request_id,))
     finally: con.close()
     if not len(rows): raise PetparkError(f'no logged prediction with request_id {request_id!r} in {safe_url(db)}: copy it from the /predict answer')
     ver = rows.model_version[0]
     rec = reg.resolve(ver)
+    ro = next((x for x in reg.state().get('rollouts', []) if x['id'] == rows.rollout[0]), None)  # answered during a rollout: which one
     sv = json.loads(Path(reg.fetch(ver)['files']['serving.json']).read_text())
     st = reg.state()
     audit = [a for a in reg.audit_log() if a.get('version') == ver or a.get('to_version') == ver or a.get('from_version') == ver]
@@ -254,7 +255,15 @@ def lineage(request_id:str, db=None, registry:Registry=None)->dict:
                           subject=_git(root, 'show', '-s', '--format=%cs %s', sha) if known else None),
                 data=dict(data_dvc_md5=md5, current=md5 == data_dvc_md5(root),
                           pinned_by=pinned_by[-1] if pinned_by else None, manifest_sha256=sv.get('manifest_sha256')),
-                params=params_at)
+                params=params_at, rollout=ro)
+
+def rollout_words(ro:dict, p:dict)->str:
+    "Why the arm that answered a request during rollout `ro` did: the mode, the share, the camera"
+    who = f"the {p['arm']} ({p['model_version']})"
+    cam = f"camera {p['camera']}" if p.get('camera') else 'a request with no camera id (routed by its request id)'
+    how = ('a shadow: the champion answers every camera, the challenger only scores in the background' if ro['mode'] == 'shadow' else
+           f"a {ro['mode']} giving {ro['version']} {ro['share']:.0%} of cameras by a hash of the camera and the rollout's seed ({cam} is on the {p['arm']}'s side)")
+    return f"  answered by {who} of rollout {ro['id']}, {how}; the rollout is {ro['status']}"
 
 def lineage_text(l:dict)->str:
     "The lineage for people"
@@ -263,7 +272,7 @@ def lineage_text(l:dict)->str:
                       for p in l['prediction'])
     p0 = l['prediction'][0]
     ap = (r['approval'] or [None])[-1]
-    lines = [f"request {l['request_id']}: {preds}",
+    lines = [f"request {l['request_id']}: {preds}", *([rollout_words(l['rollout'], p0)] if l.get('rollout') else []),
              f"  served {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p0['time']))} by a {p0['stage'] or 'model-dir'} server",
              f"model {m['version']} ({m['hash'][:12]}, {m['variant']}, {m['backbone']})" + ('' if m['matches_registry'] else ' - WARNING: the logged hash differs from the registry'),
              f"  registered {r['registered']} by {r['by']}; gate {'passed' if (r['gate'] or {}).get('passed') else 'FAILED'}; stages: {', '.join(r['stages']) or 'none'}",

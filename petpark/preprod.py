@@ -50,9 +50,10 @@ def api_info(url:str, timeout:float=10)->dict:
     except httpx.HTTPError as e:
         raise PetparkError(f'no petpark API answers at {url} ({type(e).__name__}): start one with `petpark serve --stage staging`')
 
-def post_photos(client:httpx.Client, url:str, photos:list)->httpx.Response:
-    "POST `(name, bytes)` photos to `/predict` as multipart files"
-    return client.post(url.rstrip('/') + '/predict', files=[('files', (n, b, 'application/octet-stream')) for n, b in photos])
+def post_photos(client:httpx.Client, url:str, photos:list, camera:str=None)->httpx.Response:
+    "POST `(name, bytes)` photos to `/predict` as multipart files, from `camera` (its id in `X-Camera-Id`) if given"
+    return client.post(url.rstrip('/') + '/predict', files=[('files', (n, b, 'application/octet-stream')) for n, b in photos],
+                       headers={'X-Camera-Id': camera} if camera else None)
 
 def predict_photos(client:httpx.Client, url:str, items:list, bs:int=8)->pd.DataFrame:
     "One row per `(path, label)`: the API's label and probabilities, `bs` photos a request; a refused photo keeps its error"
@@ -275,8 +276,8 @@ def write_preprod_report(res:dict, out)->Path:
 
 # %% ../nbs/82_preprod.ipynb #6b426fbb
 def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedback:float=0.0, seed:int=0,
-           classes=('Cat', 'Dog'), say=print, timeout:float=30, staff_token:str=None)->dict:
-    "Stream the photos under `images` to `/predict` at `rate` per second (`count` of them, 0: all; `loop`: start again)"
+           classes=('Cat', 'Dog'), say=print, timeout:float=30, staff_token:str=None, cameras:int=0)->dict:
+    "Stream the photos under `images` to `/predict` at `rate` per second (`count` of them, 0: all; `loop`: start again), as `cameras` cameras taking turns (0: no camera id)"
     root, url = Path(images), url.rstrip('/')
     if not root.is_dir(): raise PetparkError(f'no folder at {root}: pass a folder of photos (Cat/ and Dog/ subfolders make feedback possible)')
     token = get_settings().staff_token if staff_token is None else staff_token
@@ -294,7 +295,7 @@ def camera(url:str, images, rate:float=2.0, count:int=0, loop:bool=False, feedba
             p, label = nxt
             time.sleep(max(0, t0 + tally['sent']/rate - time.perf_counter()))
             tally['sent'] += 1
-            try: r = post_photos(c, url, [(p.name, p.read_bytes())])
+            try: r = post_photos(c, url, [(p.name, p.read_bytes())], f"cam-{tally['sent'] % cameras + 1}" if cameras else None)
             except httpx.HTTPError as e:
                 tally['failed'] += 1; streak += 1; say(f'{p.relative_to(root)}: no answer ({type(e).__name__})')
                 if streak >= 5: raise PetparkError(f"the API at {url} stopped answering (5 failures in a row) after {tally['predicted']} predictions")
@@ -346,8 +347,9 @@ def petpark_camera(images:str, # a folder of photos (Cat/ and Dog/ subfolders le
                    count:int=0, # stop after this many (0: when the folder is done)
                    loop:store_true=False, # start the folder again when it is done
                    feedback:float=0.0, # share of labelled photos whose true label is posted to /feedback, as staff would
+                   cameras:int=0, # send as this many cameras taking turns (each photo's X-Camera-Id: cam-1, cam-2, ...); 0: none
                    url:str=None, # the API (default: http://serve_host:serve_port from the settings)
                    quiet:store_true=False): # print only the summary
     "Stream photos to the API as the park's CCTV camera would, at a fixed rate; prints each answer"
-    res = camera(_api_url(url), images, rate, count, loop, feedback, say=(lambda m: None) if quiet else print)
+    res = camera(_api_url(url), images, rate, count, loop, feedback, say=(lambda m: None) if quiet else print, cameras=cameras)
     print(json.dumps(res))

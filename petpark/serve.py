@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['PHOTO_TYPES', 'ModelHolder', 'ErrorOut', 'Prediction', 'PredictOut', 'FeedbackOut', 'HealthOut', 'ReadyOut',
            'NotReadyOut', 'VersionOut', 'ReloadOut', 'feedback_model', 'ResponseCounts', 'count_responses',
-           'create_app', 'Housekeeper', 'build_app', 'replica_app', 'serve_replicas', 'petpark_serve']
+           'SecondOpinions', 'create_app', 'Housekeeper', 'build_app', 'replica_app', 'serve_replicas', 'petpark_serve']
 
 # %% ../nbs/81_serve.ipynb #c0786d53
-import json, os, threading, time, uuid
+import json, os, queue, threading, time, uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 import numpy as np
@@ -25,32 +25,50 @@ from .runtime import BadInput, check_photo, load_dir
 from .registry import Registry, load_registered
 from .db import InferenceLog, PhotoStore, host_facts, log_url, photo_store
 from .proc import usable_cores
+from .rollout import route
 
 # %% ../nbs/81_serve.ipynb #3c075585
 class ModelHolder:
-    "The current model of a stage; a background thread follows the registry and swaps in a new version when it changes"
+    "The current model of a stage, and the challenger of a rollout on it; a background thread follows the registry and swaps in what changes"
     def __init__(self, stage:str=None, model_dir=None, reload_s:float=2.0, registry=None, variant:str=None,
                  threads:int=1): # ONNX Runtime intra-op threads per run (the `serve_threads` setting); no spinning
         self.stage, self.model_dir, self.reload_s, self.registry, self.variant = stage, model_dir, reload_s, registry, variant
         self.threads = threads
         self.current, self.error, self._stop = None, None, threading.Event()
+        self.trial = (None, None)  # (the running rollout, its challenger's model): one assignment, so a request sees both or neither
         self.log = get_logger('petpark.serve')
 
     def load(self):
-        "Load (or re-load) the model; a failure keeps the model already serving and is reported by /ready"
+        "Load (or re-load) the model and follow the stage's rollout; a failure keeps what is already serving and is reported by /ready"
         try:
-            if self.model_dir: m = load_dir(self.model_dir, self.variant, self.threads, spin=False)
-            else:
-                reg = self.registry or Registry()
-                v = reg.resolve(self.stage)
-                if self.current is not None and v['version'] == self.current.version: return self.current
-                m = load_registered(self.stage, reg, self.threads, spin=False)
-            old, self.current, self.error = self.current, m, None  # one assignment: requests hold their own reference
-            self.log.info(f"serving {m.version} ({m.hash[:12]}, {m.variant})" + (f' instead of {old.version}' if old else ''))
+            if self.model_dir: self._swap(load_dir(self.model_dir, self.variant, self.threads, spin=False)); return self.current
+            reg = self.registry or Registry()
+            v = reg.resolve(self.stage)
+            if self.current is None or v['version'] != self.current.version:
+                ch = self.trial[1]  # a promoted challenger is already loaded
+                self._swap(ch if ch is not None and ch.version == v['version'] else load_registered(self.stage, reg, self.threads, spin=False))
+            self.error = None
+            self._follow_rollout(reg)
         except Exception as e:
             self.error = str(e)
             self.log.warning(f'model not (re)loaded: {e}')
         return self.current
+
+    def _swap(self, m):
+        old, self.current, self.error = self.current, m, None  # one assignment: requests hold their own reference
+        self.log.info(f"serving {m.version} ({m.hash[:12]}, {m.variant})" + (f' instead of {old.version}' if old else ''))
+
+    def _follow_rollout(self, reg):
+        "The running rollout on this stage and its challenger (loaded once per version); a rollout that ended is dropped at once"
+        ro = reg.rollout()
+        if not ro or ro['stage'] != self.stage:
+            if self.trial[0]: self.log.info(f"rollout {self.trial[0]['id']} over: {self.current.version} answers every request")
+            self.trial = (None, None); return
+        ch = self.trial[1]
+        if ch is None or ch.version != ro['version']:
+            ch = load_registered(ro['version'], reg, self.threads, spin=False)
+            self.log.info(f"rollout {ro['id']}: {ch.version} beside {self.current.version} in {ro['mode']}")
+        self.trial = (ro, ch)
 
     def follow(self):
         "Poll the registry every `reload_s` seconds until stopped"
@@ -126,7 +144,7 @@ def _predict_body(max_files:int, max_bytes:int, c=None)->dict:
 
 # %% ../nbs/81_serve.ipynb #befd2104
 class ResponseCounts:
-    "Responses counted by (endpoint, status) as they go out: for Prometheus at once (`metric`), for the log in batches (`take`)"
+    "Responses counted by (endpoint, status) as they go out (or any other pair of keys): for Prometheus at once (`metric`), for the log in batches (`take`)"
     def __init__(self, metric=None): self.metric, self._n, self._lock = metric, {}, threading.Lock()
 
     def add(self, endpoint:str, status:int):
@@ -149,6 +167,33 @@ def count_responses(app, counts:ResponseCounts, paths:set):
         try: await app(scope, receive, send_status)
         finally: counts.add(scope['path'] if scope['path'] in paths else 'other', status[0])
     return middleware
+
+class SecondOpinions:
+    "A rollout's second model scoring photos already answered, off the response path: a bounded queue and one worker thread at a lower CPU priority; what does not fit is dropped and counted"
+    def __init__(self, log:InferenceLog, events:ResponseCounts, size:int=64):
+        self.log, self.events, self.q = log, events, queue.Queue(max(1, size))
+        threading.Thread(target=self._work, daemon=True, name='second-opinions').start()
+
+    def offer(self, ro:dict, arm:str, model, rid:str, t:float, ims:list)->bool:
+        "Queue `model` (the rollout's `arm`) to score the request's decoded photos `ims`; never waits: a full queue drops it, counted"
+        try: self.q.put_nowait((ro['id'], arm, model, rid, t, ims)); return True
+        except queue.Full: self.events.add((ro['id'], arm), 'dropped'); return False
+
+    def _work(self):
+        try: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: a thread's own niceness, so the answers come first
+        except (AttributeError, OSError): pass
+        while True:
+            rollout, arm, model, rid, t, ims = self.q.get()
+            try:
+                t0 = time.perf_counter()
+                probs, _, labels = model.predict(np.stack([model_input(im, model.size) for im in ims]))
+                ms = round((time.perf_counter() - t0)*1000, 3)
+                self.log.shadow([dict(request_id=rid, item=i, time=t, rollout=rollout, arm=arm, model_version=model.version, label=str(l),
+                                      probs=json.dumps({c: round(float(v), 6) for c, v in zip(model.classes, p)}), latency_ms=ms)
+                                 for i, (p, l) in enumerate(zip(probs, labels))])
+            except Exception as e:
+                self.events.add((rollout, arm), 'error'); get_logger('petpark.serve').warning(f'{arm} of rollout {rollout} failed on {rid}: {e}')
+            finally: self.q.task_done()
 
 # %% ../nbs/81_serve.ipynb #dee427b7
 def _metrics():
@@ -199,12 +244,14 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
                admin_token:str='', # for /admin/reload; empty: admin actions are refused
                staff_token:str='', # for /feedback (labels become training data); empty: feedback is refused
                photos:PhotoStore=None, # where predicted photos are kept for retraining (None: not kept)
-               max_queue:int=16)->FastAPI: # /predict requests in flight or waiting; past it 503 with Retry-After
+               max_queue:int=16, # /predict requests in flight or waiting; past it 503 with Retry-After
+               shadow_queue:int=64)->FastAPI: # requests waiting for a rollout's second model; past it dropped, counted
     "The FastAPI app: /predict, /feedback, /health, /ready, /version, /metrics, /admin/reload, OpenAPI docs at /docs"
     @asynccontextmanager
     async def lifespan(app):
         yield
         log.responses(app.state.responses.take())  # the counts since the housekeeper's last write
+        log.rollout_events(_events(app.state.events))
     app = FastAPI(title='petpark', version=__import__('petpark').__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description='Cats vs dogs for the park: predictions from the registered ONNX model, every one logged.')
     _offline_docs(app)
@@ -241,7 +288,7 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
             photos_in = [(n, b, sha256_bytes(b), *check_photo(n, b, max_bytes, model.contract)) for n, b in files]  # BadInput names a bad photo
             t = time.perf_counter()
             probs, emb, labels = model.predict(np.stack([model_input(im, model.size) for *_, im in photos_in]))
-            return [p[:4] for p in photos_in], probs, emb, labels, (time.perf_counter() - t)*1000  # (name, bytes, sha256, facts) of each
+            return [p[:4] for p in photos_in], probs, emb, labels, (time.perf_counter() - t)*1000, [p[4] for p in photos_in]  # (name, bytes, sha256, facts) of each; the decodes
 
     @app.post('/predict', summary='Label one or several photos (multipart "files", or one raw image body)', response_model=PredictOut,
               responses=_refusals(400, 413, 415, 422, 503), openapi_extra=_predict_body(max_files, max_bytes, c))
@@ -254,17 +301,27 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
         finally: busy[0] -= 1
 
     async def answer(request:Request):
-        t0 = time.perf_counter()
-        model = holder.current
-        if model is None: return JSONResponse({'error': 'not_ready', 'detail': f'no model loaded: {holder.error}'}, status_code=503)
+        t0, rid = time.perf_counter(), uuid.uuid4().hex
+        champion, (ro, challenger) = holder.current, holder.trial
+        if champion is None: return JSONResponse({'error': 'not_ready', 'detail': f'no model loaded: {holder.error}'}, status_code=503)
+        camera = request.headers.get('x-camera-id') or request.query_params.get('camera')
+        arm, second = route(ro, camera or rid) if challenger else ('champion', None)
+        model = challenger if arm == 'challenger' else champion
         try:
             files = await read_photos(request)
             if not files: raise BadInput(422, 'no_files', 'no photo in the request; send multipart files or an image body')
-            photos_in, probs, emb, labels, model_ms = await run_in_threadpool(infer, model, files)
+            try: photos_in, probs, emb, labels, model_ms, ims = await run_in_threadpool(infer, model, files)
+            except BadInput: raise
+            except Exception as e:
+                if model is champion: raise
+                app.state.events.add((ro['id'], 'challenger'), 'error')  # the champion answers instead: the request does not fail
+                holder.log.warning(f'challenger {model.version} failed on {rid}: {e}')
+                arm, second, model = 'champion', None, champion
+                photos_in, probs, emb, labels, model_ms, ims = await run_in_threadpool(infer, model, files)
         except BadInput as e:
             await run_in_threadpool(log.refusal, e.code, e.status, e.file)
             return _err(e, m)
-        rid, t = uuid.uuid4().hex, now()
+        t = now()
         latency = (time.perf_counter() - t0)*1000
         rows, preds = [], []
         for i, ((n, b, sha, f), p, e, l) in enumerate(zip(photos_in, probs, emb, labels)):
@@ -272,12 +329,14 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
             rows.append(dict(request_id=rid, item=i, time=t, model_version=model.version, model_hash=model.hash, variant=model.variant,
                              input_sha256=sha, filename=n, format=f['format'], width=f['width'], height=f['height'],
                              brightness=f['brightness'], contrast=f['contrast'], saturation=f['saturation'], embedding=np.asarray(e, np.float32).tobytes(),
-                             label=str(l), probs=json.dumps(pr), latency_ms=round(latency, 3)))
+                             label=str(l), probs=json.dumps(pr), latency_ms=round(latency, 3), camera=camera,
+                             arm=arm if ro else None, rollout=ro['id'] if ro else None))
             preds.append(dict(item=i, file=n, label=str(l), probs=pr, input_sha256=sha))
             m['predictions'].labels(str(l), model.version).inc()
         if photos: await run_in_threadpool(lambda: [photos.put(r['input_sha256'], b) for r, (_, b, _, _) in zip(rows, photos_in)])
         await run_in_threadpool(log.write, rows)  # durable before the client hears anything
         m['latency'].observe(model_ms/1000)
+        if second: opinions.offer(ro, second, challenger if second == 'challenger' else champion, rid, t, ims)  # after this answer, never before
         return dict(request_id=rid, model_version=model.version, model_hash=model.hash, variant=model.variant,
                     latency_ms=round((time.perf_counter() - t0)*1000, 3), predictions=preds)
 
@@ -334,20 +393,26 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
         cur = holder.load()
         return {'model_version': cur.version if cur else None, 'error': holder.error}
 
-    app.state.responses = ResponseCounts(m['requests'])
+    app.state.responses, app.state.events = ResponseCounts(m['requests']), ResponseCounts()
+    opinions = app.state.opinions = SecondOpinions(log, app.state.events, shadow_queue)
     app.add_middleware(count_responses, counts=app.state.responses, paths={r.path for r in app.routes})
     return app
 
 # %% ../nbs/81_serve.ipynb #2c13206f
+def _events(counts:ResponseCounts)->dict:
+    "A rollout's events since the last take, as the log keeps them: {(rollout, arm, event): n}"
+    return {(*k, e): n for (k, e), n in counts.take().items()}
+
 class Housekeeper:
-    "Background thread: a host sample and the response counts into `log` every `every_s` seconds, the photo store pruned every hour"
-    def __init__(self, log:InferenceLog, photos:PhotoStore=None, every_s:float=60, responses:ResponseCounts=None):
-        self.log, self.photos, self.every_s, self.responses, self._stop, self._pruned = log, photos, every_s, responses, threading.Event(), 0.0
+    "Background thread: a host sample, the response counts and the rollout's events into `log` every `every_s` seconds, the photo store pruned every hour"
+    def __init__(self, log:InferenceLog, photos:PhotoStore=None, every_s:float=60, responses:ResponseCounts=None, events:ResponseCounts=None):
+        self.log, self.photos, self.every_s, self.responses, self.events, self._stop, self._pruned = log, photos, every_s, responses, events, threading.Event(), 0.0
 
     def tick(self):
         try:
             self.log.host(host_facts(self.log.path.parent))
             if self.responses: self.log.responses(self.responses.take())
+            if self.events: self.log.rollout_events(_events(self.events))
             if self.photos and time.time() - self._pruned > 3600:
                 self._pruned = time.time(); self.photos.prune(self.log.labelled())
         except Exception as e: get_logger('petpark.serve').warning(f'housekeeping failed: {e}')
@@ -367,8 +432,8 @@ def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None, va
     holder = holder or ModelHolder(stage, model_dir, s.serve_reload_s, registry, variant, s.serve_threads).start()
     log = InferenceLog(log_url(db_url), stage if not model_dir else None)
     photos = photo_store(log.path, s)
-    app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos, s.serve_max_queue)
-    app.state.housekeeper = Housekeeper(log, photos, s.host_every_s, app.state.responses).start()
+    app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos, s.serve_max_queue, s.serve_shadow_queue)
+    app.state.housekeeper = Housekeeper(log, photos, s.host_every_s, app.state.responses, app.state.events).start()
     return app, holder
 
 # %% ../nbs/81_serve.ipynb #4c51b043

@@ -40,9 +40,9 @@ def wandb_offline(tmp_path_factory):
         yield
 
 
-def petpark(*args, env, cwd=ROOT) -> subprocess.CompletedProcess:
-    "The `petpark` command run as a user runs it, in `cwd` with `env`; its exit code and output"
-    return subprocess.run(['petpark', *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
+def petpark(*args, env, cwd=ROOT, timeout=None) -> subprocess.CompletedProcess:
+    "The `petpark` command run as a user runs it, in `cwd` with `env`; its exit code and output (`timeout`: seconds, then TimeoutExpired)"
+    return subprocess.run(['petpark', *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def sh(cmd, cwd, env):
