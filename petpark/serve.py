@@ -35,7 +35,7 @@ class ModelHolder:
         self.stage, self.model_dir, self.reload_s, self.registry, self.variant = stage, model_dir, reload_s, registry, variant
         self.threads = threads
         self.current, self.error, self._stop = None, None, threading.Event()
-        self.trial = (None, None)  # (the running rollout, its challenger's model): one assignment, so a request sees both or neither
+        self.trial = (None, {})  # (the running rollout, its challengers' models by version): one assignment, so a request sees both or neither
         self.log = get_logger('petpark.serve')
 
     def load(self):
@@ -45,8 +45,8 @@ class ModelHolder:
             reg = self.registry or Registry()
             v = reg.resolve(self.stage)
             if self.current is None or v['version'] != self.current.version:
-                ch = self.trial[1]  # a promoted challenger is already loaded
-                self._swap(ch if ch is not None and ch.version == v['version'] else load_registered(self.stage, reg, self.threads, spin=False))
+                ch = self.trial[1].get(v['version'])  # a promoted challenger is already loaded
+                self._swap(ch or load_registered(self.stage, reg, self.threads, spin=False))
             self.error = None
             self._follow_rollout(reg)
         except Exception as e:
@@ -63,12 +63,12 @@ class ModelHolder:
         ro = reg.rollout()
         if not ro or ro['stage'] != self.stage:
             if self.trial[0]: self.log.info(f"rollout {self.trial[0]['id']} over: {self.current.version} answers every request")
-            self.trial = (None, None); return
-        ch = self.trial[1]
-        if ch is None or ch.version != ro['version']:
-            ch = load_registered(ro['version'], reg, self.threads, spin=False)
-            self.log.info(f"rollout {ro['id']}: {ch.version} beside {self.current.version} in {ro['mode']}")
-        self.trial = (ro, ch)
+            self.trial = (None, {}); return
+        have, models = self.trial[1], {}
+        for v in ro.get('versions') or [ro['version']]:
+            models[v] = have.get(v) or load_registered(v, reg, self.threads, spin=False)
+            if v not in have: self.log.info(f"rollout {ro['id']}: {v} beside {self.current.version} in {ro['mode']}")
+        self.trial = (ro, models)
 
     def follow(self):
         "Poll the registry every `reload_s` seconds until stopped"
@@ -169,7 +169,7 @@ def count_responses(app, counts:ResponseCounts, paths:set):
     return middleware
 
 class SecondOpinions:
-    "A rollout's second model scoring photos already answered, off the response path: a bounded queue and one worker thread at a lower CPU priority; what does not fit is dropped and counted"
+    "A rollout's second model scoring photos already answered, off the response path: a bounded queue and one worker thread that runs only on an idle core (SCHED_IDLE); what does not fit is dropped and counted"
     def __init__(self, log:InferenceLog, events:ResponseCounts, size:int=64):
         self.log, self.events, self.q = log, events, queue.Queue(max(1, size))
         threading.Thread(target=self._work, daemon=True, name='second-opinions').start()
@@ -180,8 +180,10 @@ class SecondOpinions:
         except queue.Full: self.events.add((ro['id'], arm), 'dropped'); return False
 
     def _work(self):
-        try: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # Linux: a thread's own niceness, so the answers come first
-        except (AttributeError, OSError): pass
+        try: os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))  # Linux: this thread runs on a core no answer needs
+        except (AttributeError, OSError):
+            try: os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # else the lowest niceness
+            except (AttributeError, OSError): pass
         while True:
             rollout, arm, model, rid, t, ims = self.q.get()
             try:
@@ -302,11 +304,12 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
 
     async def answer(request:Request):
         t0, rid = time.perf_counter(), uuid.uuid4().hex
-        champion, (ro, challenger) = holder.current, holder.trial
+        champion, (ro, challengers) = holder.current, holder.trial
         if champion is None: return JSONResponse({'error': 'not_ready', 'detail': f'no model loaded: {holder.error}'}, status_code=503)
         camera = request.headers.get('x-camera-id') or request.query_params.get('camera')
-        arm, second = route(ro, camera or rid) if challenger else ('champion', None)
-        model = challenger if arm == 'challenger' else champion
+        pick = lambda v: challengers.get(v, champion)  # the champion's version (or one not loaded) is the champion
+        first, second = route(ro, camera or rid) if challengers else (champion.version, None)
+        model = pick(first); arm = 'champion' if model is champion else 'challenger'
         try:
             files = await read_photos(request)
             if not files: raise BadInput(422, 'no_files', 'no photo in the request; send multipart files or an image body')
@@ -316,7 +319,7 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
                 if model is champion: raise
                 app.state.events.add((ro['id'], 'challenger'), 'error')  # the champion answers instead: the request does not fail
                 holder.log.warning(f'challenger {model.version} failed on {rid}: {e}')
-                arm, second, model = 'champion', None, champion
+                arm, second, model = 'champion', None, champion  # (its second opinion too: the champion has answered)
                 photos_in, probs, emb, labels, model_ms, ims = await run_in_threadpool(infer, model, files)
         except BadInput as e:
             await run_in_threadpool(log.refusal, e.code, e.status, e.file)
@@ -336,7 +339,7 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
         if photos: await run_in_threadpool(lambda: [photos.put(r['input_sha256'], b) for r, (_, b, _, _) in zip(rows, photos_in)])
         await run_in_threadpool(log.write, rows)  # durable before the client hears anything
         m['latency'].observe(model_ms/1000)
-        if second: opinions.offer(ro, second, challenger if second == 'challenger' else champion, rid, t, ims)  # after this answer, never before
+        if second: opinions.offer(ro, 'challenger' if pick(second) is not champion else 'champion', pick(second), rid, t, ims)  # after this answer, never before
         return dict(request_id=rid, model_version=model.version, model_hash=model.hash, variant=model.variant,
                     latency_ms=round((time.perf_counter() - t0)*1000, 3), predictions=preds)
 
