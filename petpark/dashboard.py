@@ -27,7 +27,7 @@ from .proc import Served, free_port, run_tool
 DASHBOARDS = {  # name: (notebook, title, the question it answers)
     'model': ('96_dash_model.ipynb', 'Model', 'Is the model good and fair, who passed it, and how do two versions compare?'),
     'monitoring': ('97_dash_monitoring.ipynb', 'Monitoring', 'Is production drifting, and what should I do about the alerts?'),
-    'registry': ('98_dash_registry.ipynb', 'Registry and lineage', 'Which versions exist, who approved them, and where did a prediction come from?'),
+    'registry': ('98_dash_registry.ipynb', 'Registry, rollouts and lineage', 'Which versions exist, who approved them, how does a rollout go, and where did a prediction come from?'),
     'data': ('99_dash_data.ipynb', 'Data', "What is in the lake: versions, quarantine, class balance, near-duplicates, the split"),
 }
 
@@ -101,8 +101,25 @@ def demo_site(root, rows:int=2000, days:int=14, seed:int=0)->dict:
     log.con.execute('INSERT INTO alerts(check_name, severity, opened, last_seen, closed, words, evidence, action) VALUES (?,?,?,?,?,?,?,?)',
                     ('latency', 'warning', end - 6*86400, end - 5*86400, end - 5*86400 + 3600, 'latency p99 2500 ms (alert above 2000 ms)', 'null', None))
     log.con.execute('COMMIT'); log.con.close()
+    _demo_rollout(reg, db, end)
     _demo_workspace(root/'workspace', lake, rng)
     return dict(PETPARK_REGISTRY_DIR=str(root/'registry'), PETPARK_DB_URL=f'sqlite:///{db}', PETPARK_WORKSPACE=str(root/'workspace'))
+
+def _demo_rollout(reg, db, end:float):
+    "v2 in a canary beside v1 for the last two days of the log (its cameras' photos answered by v2, each mirrored by v1), and two rounds of checks"
+    import sqlite3
+    from petpark.rollout import arm_of, check_rollout
+    reg.record_preprod('v2', True, by='qa'); reg.approve('v2', 'qa', 'demo: canary it')
+    ro = reg.start_rollout('v2', 'canary', share=0.25, by='qa', seed=3)
+    reg.update_rollout(ro['id'], started_at=end - 2*86400, step_at=end - 2*86400)
+    with sqlite3.connect(db) as c:
+        rows = c.execute('SELECT request_id, item, time, label, probs FROM predictions WHERE time > ?', (end - 2*86400,)).fetchall()
+        for n, (rid, item, t, label, probs) in enumerate(rows):
+            cam = f'cam-{n % 20 + 1}'; arm = arm_of(cam, 3, 0.25)
+            c.execute('UPDATE predictions SET camera = ?, arm = ?, rollout = ?, model_version = ? WHERE request_id = ? AND item = ?',
+                      (cam, arm, ro['id'], 'v2' if arm == 'challenger' else 'v1', rid, item))
+            if arm == 'challenger': c.execute("INSERT INTO shadow VALUES (?,?,?,'prod',?,'champion','v1',?,?,8.0)", (rid, item, t, ro['id'], label, probs))
+    for _ in range(2): check_rollout(reg, db, webhook='', by='demo')
 
 def _demo_workspace(ws:Path, lake:Path, rng):
     "Stage outputs as `make run` leaves them, from the test lake: manifest, evaluate metrics and curves, predictions, SHAP maps"

@@ -7,7 +7,7 @@ __all__ = ['GRAY', 'DRIFT_ACTION', 'ALERTS_SCHEMA', 'build_reference', 'save_ref
            'mmd_test', 'pca_fit', 'holm', 'bbse_share', 'drift_checks', 'prediction_checks', 'model_checks',
            'telemetry_checks', 'host_check', 'read_responses', 'server_error_check', 'post_webhook', 'update_alerts',
            'monitor_window', 'photos_drifted', 'served_version', 'served_reference', 'run_monitor', 'monitor_text',
-           'petpark_monitor', 'export_window', 'open_alerts', 'monitor_stage', 'fig_window']
+           'petpark_monitor', 'rollout_line', 'export_window', 'open_alerts', 'monitor_stage', 'fig_window']
 
 # %% ../nbs/07_monitor.ipynb #f4cb3b7d
 import json, shutil, time
@@ -327,7 +327,19 @@ def petpark_monitor(since:str=None, # window start, YYYY-MM-DD[THH:MM] (default:
         return print(f"{export}: {info['photos']} photos served by {info['version'] or 'no version'} on {stage} servers" + ('' if log_exists(db) else f' (no inference log at {safe_url(db)} yet)'))
     if not log_exists(db): raise PetparkError(f'no inference log at {safe_url(db)}: serve first (`petpark serve`) or pass --db-url')
     res = run_monitor(db, start, end, P.monitor, s.alert_webhook, stage=st)
-    print(json.dumps(res, indent=2, default=str) if as_json else monitor_text(res))
+    from petpark.registry import Registry
+    if stage != 'staging' and (ro := rollout_line(Registry())): res['rollout'] = ro  # a candidate answers some of prod's cameras: say so
+    print(json.dumps(res, indent=2, default=str) if as_json else monitor_text(res) + (f"\n\n{res['rollout']}" if 'rollout' in res else ''))
+
+def rollout_line(reg)->str|None:
+    "The rollout running on prod, in a line (None: none runs); `petpark rollout status` says more"
+    rs = reg.state().get('rollouts') or []
+    ro = rs[-1] if rs and rs[-1]['status'] == 'running' else None
+    if not ro: return None
+    last = ro['rounds'][-1] if ro['rounds'] else None
+    return (f"rollout {ro['id']} runs on prod: {', '.join(ro.get('versions') or [ro['version']])} in {ro['mode']} beside {ro['champion']}"
+            + (f" at {ro['share']:.0%} of cameras" if ro['mode'] in ('canary', 'ab') else '')
+            + (f"; last round {last['at']}: {last['action']}, {last['why']}" if last else '; no round of checks yet') + ' (`petpark rollout status`)')
 
 # %% ../nbs/07_monitor.ipynb #2100f53d
 def export_window(db, out_dir, since:float, until:float, stage:str=None, registry=None)->dict:

@@ -5,18 +5,16 @@
 # %% auto #0
 __all__ = ['ROLLOUT_MODES', 'arm_of', 'thompson', 'route', 'mixture_sprt', 'rollout_checks', 'ab_plan', 'ab_result',
            'judge_round', 'rollout_rows', 'rollout_events', 'version_feedback', 'arm_feedback', 'p_best',
-           'check_rollout', 'ab_words', 'rollout_text', 'petpark_rollout', 'rehearsal_candidate', 'candidate_kinds',
-           'replay_canary', 'shadow_overhead', 'petpark_bench_rollout']
+           'check_rollout', 'ab_words', 'arm_table', 'rounds_table', 'rollout_text', 'petpark_rollout',
+           'rehearsal_candidate']
 
 # %% ../nbs/86_rollout.ipynb #1f541548
-import hashlib, json, math, os, random, time
-from pathlib import Path
+import hashlib, json, math, random, time
 import numpy as np
 from fastcore.basics import patch_to
 from .core import *
 from .db import read_frame
 from .registry import Registry, _now
-from .runtime import threshold_labels
 from typing import Annotated
 from fastcore.script import call_parse
 
@@ -259,6 +257,30 @@ def ab_words(ab:dict, ro:dict)->str:
     return head + tail[ab['verdict']]
 
 # %% ../nbs/86_rollout.ipynb #34e060c0
+def arm_table(db, ro:dict, positive:str=None)->'pd.DataFrame':
+    "Each version of rollout `ro` on the photos it answered: its role, photos, staff-labelled accuracy with a 95% Wilson interval, its share of `positive`, its p99 latency"
+    import pandas as pd
+    positive = positive or load_params().evaluate.positive
+    f = read_frame(db, "SELECT model_version AS version, label, feedback, latency_ms FROM predictions WHERE rollout = ?", (ro['id'],))
+    rows = []
+    for v in [ro['champion'], *(ro.get('versions') or [ro['version']])]:
+        x = f[f.version == v] if len(f) else f
+        lab = x[x.feedback.notna()] if len(x) else x
+        k, n = (int((lab.label == lab.feedback).sum()), len(lab)) if len(lab) else (0, 0)
+        lo, hi = _wilson(k, n) if n else (None, None)
+        rows.append(dict(version=v, role='champion' if v == ro['champion'] else 'challenger', photos=len(x), labelled=n,
+                         accuracy=f'{k/n:.1%} ({lo:.1%} to {hi:.1%})' if n else 'no labels yet',
+                         **{f'{positive.lower()} share': f'{(x.label == positive).mean():.1%}' if len(x) else '-'},
+                         p99_ms=round(float(x.latency_ms.quantile(0.99)), 1) if len(x) else None))
+    return pd.DataFrame(rows)
+
+def rounds_table(ro:dict, n:int=20)->'pd.DataFrame':
+    "The last `n` rounds of rollout `ro`, newest first: when, the share, the decision and why, each check's result"
+    import pandas as pd
+    mark = lambda c: 'pass' if c['passed'] else 'FAIL' if c['passed'] is False else 'wait'
+    return pd.DataFrame([dict(at=r['at'], share=f"{r['share']:.0%}", action=r['action'], **{c['check']: mark(c) for c in r['checks']}, why=r['why'])
+                         for r in reversed(ro['rounds'][-n:])])
+
 def rollout_text(reg:Registry=None)->str:
     "The running rollout (else the last one) for people: arms, share, the last round's checks, the decision"
     reg = reg or Registry()
@@ -325,138 +347,3 @@ def rehearsal_candidate(reg:Registry, ref:str, threshold:float=None, why:str='as
         sv.write_text(json.dumps(dict(meta, rehearsal=dict(source=got['version']['version'], why=why), **({'threshold': threshold} if threshold is not None else {})), indent=2))
         src = got['version']
         return reg.register(files, dict(gate=src.get('gate'), accuracy=src.get('accuracy'), rehearsal=why), by)
-
-# %% ../nbs/86_rollout.ipynb #da7664a3
-def candidate_kinds(probs:np.ndarray, truth:np.ndarray, classes:list, positive:str, threshold:float, rng=None)->dict:
-    "The replayed candidates' labels from the champion's probabilities `probs` on photos whose true labels are `truth`: {kind: (labels, what it is)}"
-    rng = rng or np.random.default_rng(0)
-    champ = threshold_labels(probs, classes, positive, threshold)
-    pdog, acc = probs[:, classes.index(positive)], (champ == truth).mean()
-    right, wrong = np.flatnonzero(champ == truth), np.flatnonzero(champ != truth)
-    k = max(1, len(wrong)); other = champ.copy(); neg = [c for c in classes if c != positive][0]
-    flip = lambda i: np.where(other[i] == positive, neg, positive)
-    swap = np.r_[rng.choice(right, k, replace=False), wrong]; other[swap] = flip(swap)
-    grid = np.r_[np.linspace(0.001, 0.05, 50), np.linspace(0.05, 0.95, 91), np.linspace(0.95, 0.999, 50)]
-    accs = np.array([(threshold_labels(probs, classes, positive, t) == truth).mean() for t in grid])
-    few = grid[np.argmin(np.abs(accs - (acc - 0.03)))]
-    dogs = float(np.quantile(pdog[truth == neg], 0.7))  # 30% of cats called dogs
-    lab = lambda t: threshold_labels(probs, classes, positive, t)
-    return {'as good (the same)': (champ, 'the champion registered again'),
-            'as good (other mistakes)': (other, f'synthetic: {len(swap)} answers flipped, {k} right to wrong and {len(wrong)} wrong to right'),
-            'a few points worse': (lab(few), f'threshold {few:.3f}: accuracy {100*(lab(few) == truth).mean():.1f}% against {100*acc:.1f}%'),
-            'biased to dogs': (lab(dogs), f'threshold {dogs:.3g}: {100*(lab(dogs)[truth == neg] == positive).mean():.0f}% of cats called dogs'),
-            'slower': (champ, 'fp32 with the mirror on every photo (timed)')}
-
-def replay_canary(champ:np.ndarray, chal:np.ndarray, truth:np.ndarray, chal_ms:np.ndarray, p:RolloutParams, seed:int,
-                  cameras:int=40, per_round:int=300, feedback:float=0.35, max_photos:int=30_000)->dict:
-    "A canary replayed: photos drawn at random (index into the arrays) from `cameras` cameras, `per_round` between rounds, staff labelling `feedback` of them; the decision, and the photos and labels it took"
-    import pandas as pd
-    rng, ro = np.random.default_rng(seed), dict(mode='canary', share=p.steps[0], steps=list(p.steps), failures=0, version='candidate', seed=seed)
-    sent = chal_photos = chal_labels = 0; rows = []
-    side = lambda share: np.array([arm_of(f'cam-{c}', seed, share) == 'challenger' for c in range(cameras)])
-    on_side = side(ro['share'])
-    while sent < max_photos:
-        idx, cam, fb = rng.integers(len(truth), size=per_round), rng.integers(cameras, size=per_round), rng.random(per_round) < feedback
-        on = on_side[cam]; sent += per_round; chal_photos += int(on.sum()); chal_labels += int((on & fb).sum())
-        rows += [(f'{sent}-{j}', chal[i], champ[i], chal_ms[i], truth[i] if f else None) for j, (i, f) in enumerate(zip(idx[on], fb[on]))]
-        frame = pd.DataFrame(rows, columns=['request_id', 'challenger', 'champion', 'latency_ms', 'feedback'])
-        checks = rollout_checks(frame, {}, p); action, why = judge_round(ro, checks, p)
-        failed = any(c['passed'] is False for c in checks)
-        ro['failures'] = ro['failures'] + 1 if failed else 0 if any(c['passed'] for c in checks) else ro['failures']
-        if action in ('rollback', 'promote'):
-            return dict(decision='rolled back' if action == 'rollback' else 'promoted', photos=sent, challenger_photos=chal_photos,
-                        challenger_labels=chal_labels, share=ro['share'], why=why)
-        if action == 'step': ro.update(share=min(s for s in ro['steps'] if s > ro['share']), failures=0); rows = []; on_side = side(ro['share'])
-    return dict(decision='undecided', photos=sent, challenger_photos=chal_photos, challenger_labels=chal_labels, share=ro['share'], why='out of photos')
-
-# %% ../nbs/86_rollout.ipynb #f9d57f98
-def _opens(path)->bool:
-    try: open_rgb(path); return True
-    except Exception: return False
-
-def _timed(model, paths:list, mirror:bool=False)->np.ndarray:
-    "Milliseconds to decode and answer each photo alone in this process (`mirror`: the mirror image run as well)"
-    out = []
-    for p in paths:
-        t = time.perf_counter(); x = model_input(open_rgb(p), model.size)
-        model.run(np.stack([x, x[:, ::-1]]) if mirror else x[None]); out.append((time.perf_counter() - t)*1000)
-    return np.array(out)
-
-def shadow_overhead(package_dir, bodies:list, rate:float=50, seconds:float=20, work_dir=None)->list:
-    "The champion's latency at `rate` requests a second on a live prod server, a shadow of a candidate off and on, twice each, alternating"
-    import tempfile
-    from petpark.bench_serve import open_loop
-    from petpark.proc import Served, tool_path
-    with tempfile.TemporaryDirectory(dir=work_dir) as d:
-        reg = Registry(Path(d)/'registry', 'petpark-classifier')
-        v1 = reg.register(sorted(Path(package_dir).glob('*.onnx')) + [Path(package_dir)/f for f in ('serving.json', 'reference.npz')], dict(gate={'passed': True, 'reasons': []}))['version']
-        v2 = rehearsal_candidate(reg, v1)['version']
-        for v in (v1, v2): reg.record_preprod(v, True, by='bench')
-        reg.approve(v1, 'bench', 'bench'); reg.promote(v1, 'prod', 'bench')
-        env = dict(os.environ, PETPARK_REGISTRY_DIR=str(Path(d)/'registry'), PETPARK_REGISTRY='petpark-classifier', PETPARK_SERVE_RELOAD_S='0.5',
-                   PETPARK_DB_URL=f"sqlite:///{d}/prod.sqlite", PETPARK_HOST_EVERY_S='1')
-        rows = []
-        with Served([tool_path('petpark'), 'serve', '--stage', 'prod', '--port', '{port}'], env) as srv:
-            open_loop(srv.url, bodies, rate, 3)  # warm up
-            for shadow in (False, True, False, True):
-                if shadow: reg.start_rollout(v2, 'shadow', by='bench')
-                time.sleep(2)
-                r = open_loop(srv.url, bodies, rate, seconds)
-                if shadow: time.sleep(3); rid = reg.rollout()['id']; reg.end_rollout('stopped', 'bench')
-                logged = read_frame(f"sqlite:///{d}/prod.sqlite", "SELECT COUNT(*) AS n FROM shadow WHERE rollout = ?", (rid,)).n[0] if shadow else 0
-                drops = rollout_events(f"sqlite:///{d}/prod.sqlite", rid).get(('challenger', 'dropped'), 0) if shadow else 0
-                rows.append(dict(shadow='on' if shadow else 'off', **{k: r[k] for k in ('offered_rps', 'achieved_rps', 'ok', 'errors', 'shed_503', 'p50_ms', 'p99_ms')},
-                                 second_opinions=int(logged), dropped=int(drops)))
-        return rows
-
-# %% ../nbs/86_rollout.ipynb #c94ff88b
-@call_parse
-def petpark_bench_rollout(photos:int=400, # test photos, half from each class (the replay's pool)
-                          images:str=None, # a labelled folder of photos instead (default: the lake snapshot's test split)
-                          package_dir:str='artifacts/package', # the packaged champion
-                          rate:float=50, # requests a second of the shadow's overhead test
-                          seconds:float=20, # seconds per load run (four runs)
-                          rollouts:int=30, # replayed canaries per kind of candidate
-                          park_rps:float=10, # the park's photos a second in the replay (between rounds: this times rollout_every_s)
-                          cameras:int=40, # cameras in the replay
-                          feedback:float=0.35, # the share of photos staff label
-                          out:str='reports/bench_rollout'): # report path: .md and .json
-    "Production testing measured: a shadow's cost to the champion's p99 on a live server, and replayed canaries of bad and good candidates: photos and labels until the rollback, false rollbacks"
-    import pandas as pd
-    from petpark.bench import bench_photos, cpu_peak
-    from petpark.runtime import load_dir
-    P, s = load_params(), get_settings()
-    paths = [x for x in bench_photos(photos, images) if _opens(x)]  # a dirty folder's unreadable files are not traffic to time
-    truth = np.array([Path(x).parent.name for x in paths])
-    champ = load_dir(proj_path(package_dir)); slow = load_dir(proj_path(package_dir), 'fp32')
-    probs = np.concatenate([champ.run(np.stack([model_input(open_rgb(x), champ.size) for x in paths[i:i + 16]]))[0] for i in range(0, len(paths), 16)])
-    c = champ.contract; kinds = candidate_kinds(probs, truth, c.classes, c.positive, c.threshold)
-    ms = _timed(champ, paths); slow_ms = _timed(slow, paths, mirror=True)
-    per_round, rows = max(1, round(park_rps*s.rollout_every_s)), []
-    for kind, (labels, what) in kinds.items():
-        res = [replay_canary(kinds['as good (the same)'][0], labels, truth, slow_ms if kind == 'slower' else ms, P.rollout, seed=i,
-                             cameras=cameras, per_round=per_round, feedback=feedback) for i in range(rollouts)]
-        back = [r for r in res if r['decision'] == 'rolled back']
-        med = lambda k, rs: int(np.median([r[k] for r in rs])) if rs else None
-        rows.append(dict(candidate=kind, what=what, rollouts=len(res), rolled_back=len(back), promoted=sum(r['decision'] == 'promoted' for r in res),
-                         photos_to_rollback=med('photos', back), challenger_photos=med('challenger_photos', back), labels_to_rollback=med('challenger_labels', back),
-                         minutes_to_rollback=round(med('photos', back)/park_rps/60, 1) if back else None,
-                         photos_to_promote=med('photos', [r for r in res if r['decision'] == 'promoted']),
-                         p99_ms=round(float(np.percentile(slow_ms if kind == 'slower' else ms, 99)), 1)))
-    shadow = shadow_overhead(proj_path(package_dir), [Path(x).read_bytes() for x in paths[:100]], rate, seconds, site_path(s.cache_dir))
-    on, off = [r['p99_ms'] for r in shadow if r['shadow'] == 'on'], [r['p99_ms'] for r in shadow if r['shadow'] == 'off']
-    ratio = float(np.median(on)/np.median(off))
-    cpu = cpu_peak()
-    good = [r for r in rows if r['candidate'].startswith('as good')]
-    false = sum(r['rolled_back'] for r in good)/sum(r['rollouts'] for r in good)
-    md = (f"# Production testing measured\n\n{cpu['model']}, {cpu['cores']} cores ({'AVX-512' + (' with VNNI' if cpu['vnni'] else '') if cpu['avx512'] else 'AVX2 only'}); "
-          f"champion {champ.version or 'the package'} ({champ.variant}); {len(paths)} test photos.\n\n"
-          f"## A shadow's cost\n\nA live prod server, {rate:g} requests a second for {seconds:g} s a run, a shadow of a candidate off and on (alternating). "
-          f"The champion's p99 with the shadow on is **{ratio:.2f}x** off (median of two runs each; aim at most 1.10). Client and server share this machine.\n\n"
-          + md_table(pd.DataFrame(shadow), floats='{}') +
-          f"\n\n## Replayed canaries\n\n{rollouts} canaries per candidate, {cameras} cameras, {park_rps:g} photos a second, a round every "
-          f"{s.rollout_every_s:g} s ({per_round} photos), {feedback:.0%} labelled by staff; `rollout` params: steps {P.rollout.steps}, "
-          f"{P.rollout.min_requests} photos a step, rollback after {P.rollout.max_failures} failed rounds. "
-          f"False rollbacks of a candidate as good as the champion: **{100*false:.1f}%** ({sum(r['rolled_back'] for r in good)} of {sum(r['rollouts'] for r in good)}).\n\n"
-          + md_table(pd.DataFrame(rows), floats='{}'))
-    print(write_report(out, md, dict(shadow=shadow, shadow_p99_ratio=ratio, replay=rows, false_rollback_rate=false, cpu=cpu)).read_text())
