@@ -78,12 +78,16 @@ def update_rollout(self, rid:str, action:str=None, by=None, evidence=None, **cha
     return ro
 
 @patch_to(Registry)
-def end_rollout(self, status:str, by=None, why:str='', evidence=None)->dict:
-    "End the running rollout: `stopped`, `rolled back` (the champion answers every camera again) or `promoted` (the challenger becomes prod)"
+def end_rollout(self, status:str, by=None, why:str='', evidence=None, version:str=None)->dict:
+    "End the running rollout: `stopped`, `rolled back` (the champion answers every camera again) or `promoted` (its challenger, or a bandit's `version`, becomes prod)"
     ro = self.rollout()
     if not ro: raise PetparkError('no rollout is running: start one with `petpark rollout start VERSION --mode canary`')
-    if status == 'promoted': self.promote(ro['version'], 'prod', by, note=why or f"rollout {ro['id']}")  # prod's own rules: gate and approval
-    with self._locked() as st: st['rollouts'][-1].update(status=status, ended=_now(), ended_at=now(), why=why)
+    if version and version not in (ro.get('versions') or [ro['version']]):
+        raise PetparkError(f"{version} is not a challenger of {ro['id']} ({', '.join(ro.get('versions') or [ro['version']])}): promote one of them")
+    if status == 'promoted':
+        ro = dict(ro, version=version or ro['version'])
+        self.promote(ro['version'], 'prod', by, note=why or f"rollout {ro['id']}")  # prod's own rules: gate and approval
+    with self._locked() as st: st['rollouts'][-1].update(status=status, ended=_now(), ended_at=now(), why=why, **({'promoted': ro['version']} if status == 'promoted' else {}))
     self.audit(_ENDS[status], by, rollout=ro['id'], version=ro['version'], champion=ro['champion'], why=why, evidence=evidence)
     return dict(ro, status=status, why=why)
 
@@ -111,8 +115,8 @@ def mixture_sprt(worse:int, better:int)->float:
     n = worse + better
     return math.exp(math.lgamma(worse + 1) + math.lgamma(better + 1) - math.lgamma(n + 2) + n*math.log(2))
 
-def rollout_checks(rows:'pd.DataFrame', events:dict, p:RolloutParams)->list:
-    "One round of checks on `rows` (the photos the challenger scored: `challenger`, `champion` labels, `latency_ms`, `request_id`, `feedback`) and `events` ({(arm, event): n}): each passed, failed or waiting (None)"
+def rollout_checks(rows:'pd.DataFrame', events:dict, p:RolloutParams, since_start:'pd.DataFrame'=None)->list:
+    "One round of checks on `rows` (the photos the challenger scored in this step: `challenger`, `champion` labels, `latency_ms`, `request_id`, `feedback`) and `events` ({(arm, event): n}); feedback on `since_start` (the whole rollout's), else `rows`: each passed, failed or waiting (None)"
     n, errs, out = len(rows), events.get(('challenger', 'error'), 0), []
     add = lambda check, passed, detail, value=None: out.append(dict(check=check, passed=None if passed is None else bool(passed), detail=detail,
                                                                   value=None if value is None else float(value)))  # plain types: they go into the registry's JSON
@@ -129,7 +133,9 @@ def rollout_checks(rows:'pd.DataFrame', events:dict, p:RolloutParams)->list:
     add('class share', diff <= p.max_share_diff if judged else None, f'share of a class differs by {diff:.1%} on {m} photos both scored (at most {p.max_share_diff:.0%})', diff)
     dis = float((both.challenger != both.champion).mean()) if m else 0.0
     add('disagreement', dis <= p.max_disagreement if judged else None, f'{dis:.1%} of {m} photos both scored (at most {p.max_disagreement:.0%})', dis)
-    lab = both[both.feedback.notna()] if m else both
+    whole = rows if since_start is None else since_start  # the sequential test may keep every label since the start: it stays valid, and gains power
+    whole = whole[whole.champion.notna()] if len(whole) else whole
+    lab = whole[whole.feedback.notna()] if len(whole) else whole
     worse = int(((lab.champion == lab.feedback) & (lab.challenger != lab.feedback)).sum()) if len(lab) else 0
     better = int(((lab.challenger == lab.feedback) & (lab.champion != lab.feedback)).sum()) if len(lab) else 0
     lr = mixture_sprt(worse, better)
@@ -219,7 +225,8 @@ def check_rollout(reg:Registry=None, db=None, p:RolloutParams=None, webhook:str=
     webhook = get_settings().alert_webhook if webhook is None else webhook
     ro = reg.rollout()
     if not ro: return None
-    checks = rollout_checks(rollout_rows(db, ro['id'], ro['step_at']), rollout_events(db, ro['id'], ro['step_at']), p)
+    rows = rollout_rows(db, ro['id'], ro['started_at'])
+    checks = rollout_checks(rows[rows.time >= ro['step_at']] if len(rows) else rows, rollout_events(db, ro['id'], ro['step_at']), p, rows)
     action, why = judge_round(ro, checks, p)
     failed = any(c['passed'] is False for c in checks)
     rnd = dict(at=_now(), share=ro['share'], action=action, why=why, checks=checks)
@@ -304,7 +311,7 @@ def rollout_text(reg:Registry=None)->str:
 
 @call_parse
 def petpark_rollout(action:str, # start, status, stop, promote, rollback, check or watch
-                    ref:Annotated[str, 'start: the version to roll out beside prod (v7)', {'opt': False, 'nargs': '?'}]=None,
+                    ref:Annotated[str, 'start: the version to roll out beside prod (v7); promote a bandit: which of its versions', {'opt': False, 'nargs': '?'}]=None,
                     mode:str='canary', # start: shadow, canary, ab or bandit
                     also:str=None, # start a bandit: one or two more versions beside REF, comma-separated (v8 or v8,v9)
                     share:float=None, # start: the challenger's share of cameras (canary: its first step; ab: the split, default 0.5)
@@ -321,7 +328,8 @@ def petpark_rollout(action:str, # start, status, stop, promote, rollback, check 
               + (f"; decided after {ro['plan']} labelled photos an arm" if ro['plan'] else '') + '\nnext: petpark rollout watch')
     elif action == 'status': print(rollout_text(reg))
     elif action in ('stop', 'promote', 'rollback'):
-        ro = reg.end_rollout({'stop': 'stopped', 'promote': 'promoted', 'rollback': 'rolled back'}[action], by, note or f'by hand ({action})')
+        ro = reg.end_rollout({'stop': 'stopped', 'promote': 'promoted', 'rollback': 'rolled back'}[action], by, note or f'by hand ({action})',
+                             version=reg.resolve(ref)['version'] if ref and action == 'promote' else None)
         print(f"{ro['id']} {ro['status']}: " + (f"{ro['version']} is prod" if action == 'promote' else f"{ro['champion']} answers every camera"))
     elif action == 'check':
         r = check_rollout(reg, db_url); print(f"{r['action']}: {r['why']}" if r else 'no rollout is running')

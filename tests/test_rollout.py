@@ -168,7 +168,11 @@ def test_a_bandit_sends_traffic_away_from_a_worse_version_and_credits_late_label
         assert rollout(park, 'check').returncode == 0
         assert sum(park['reg'].rollout()['posterior']['v3']) == sum(before) + 1
     assert 'P(best)' in rollout(park, 'status').stdout
-    assert rollout(park, 'stop').returncode == 0
+    r = rollout(park, 'promote', 'v9')
+    assert r.returncode == 2 and "'v9' names no version" in r.stderr
+    r = rollout(park, 'promote', 'v1', '--note', 'the bandit favours it')
+    assert r.returncode == 0 and 'v1 is prod' in r.stdout, r.stdout + r.stderr
+    assert park['reg'].resolve('prod')['version'] == 'v1' and park['reg'].rollouts()[-1]['promoted'] == 'v1'
 
 
 def test_rollout_refusals_are_clear(park):
