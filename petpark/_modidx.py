@@ -194,6 +194,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'petpark.db.Db.transaction': ('db.html#db.transaction', 'petpark/db.py'),
                             'petpark.db.InferenceLog': ('db.html#inferencelog', 'petpark/db.py'),
                             'petpark.db.InferenceLog.__init__': ('db.html#inferencelog.__init__', 'petpark/db.py'),
+                            'petpark.db.InferenceLog._insert': ('db.html#inferencelog._insert', 'petpark/db.py'),
                             'petpark.db.InferenceLog._schema': ('db.html#inferencelog._schema', 'petpark/db.py'),
                             'petpark.db.InferenceLog.con': ('db.html#inferencelog.con', 'petpark/db.py'),
                             'petpark.db.InferenceLog.count': ('db.html#inferencelog.count', 'petpark/db.py'),

@@ -183,17 +183,18 @@ class InferenceLog:
         finally:
             if self.db.kind == 'postgresql': self.db.execute('SELECT pg_advisory_unlock(8117)')
 
-    def write(self, rows:list):
-        rows = [dict(r, stage=self.stage) for r in rows]; cols = list(rows[0])
-        with self.lock, self.db.transaction():
-            self.db.executemany(f"INSERT INTO predictions({','.join(cols)}) VALUES ({','.join('?'*len(cols))})", [tuple(r.values()) for r in rows])
-
-    def shadow(self, rows:list):
-        "Log the second opinions of a rollout: the model that did not answer, on the same photos (`arm` names that model)"
+    def _insert(self, table:str, rows:list, verb:str='INSERT'):
+        "`rows` (dicts with the same keys) into `table` with this log's stage, in one transaction"
         if not rows: return
         rows = [dict(r, stage=self.stage) for r in rows]; cols = list(rows[0])
         with self.lock, self.db.transaction():
-            self.db.executemany(f"INSERT OR IGNORE INTO shadow({','.join(cols)}) VALUES ({','.join('?'*len(cols))})", [tuple(r.values()) for r in rows])
+            self.db.executemany(f"{verb} INTO {table}({','.join(cols)}) VALUES ({','.join('?'*len(cols))})", [tuple(r.values()) for r in rows])
+
+    def write(self, rows:list): self._insert('predictions', rows)
+
+    def shadow(self, rows:list):
+        "Log the second opinions of a rollout: the model that did not answer, on the same photos (`arm` names that model)"
+        self._insert('shadow', rows, 'INSERT OR IGNORE')
 
     def rollout_events(self, counts:dict):
         "Log how often each (rollout, arm, event) happened since the last call: a challenger's failed runs, second opinions dropped"
