@@ -554,7 +554,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'petpark.rollout.Registry.rollouts': ('rollout.html#registry.rollouts', 'petpark/rollout.py'),
                                  'petpark.rollout.Registry.start_rollout': ('rollout.html#registry.start_rollout', 'petpark/rollout.py'),
                                  'petpark.rollout.Registry.update_rollout': ('rollout.html#registry.update_rollout', 'petpark/rollout.py'),
-                                 'petpark.rollout._wilson': ('rollout.html#_wilson', 'petpark/rollout.py'),
                                  'petpark.rollout._z': ('rollout.html#_z', 'petpark/rollout.py'),
                                  'petpark.rollout.ab_plan': ('rollout.html#ab_plan', 'petpark/rollout.py'),
                                  'petpark.rollout.ab_result': ('rollout.html#ab_result', 'petpark/rollout.py'),

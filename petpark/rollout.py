@@ -154,16 +154,13 @@ def ab_plan(p0:float, effect:float, alpha:float=0.05, power:float=0.8)->int:
     n = (_z(1 - alpha/2)*math.sqrt(2*pb*(1 - pb)) + _z(power)*math.sqrt(p0*(1 - p0) + p1*(1 - p1)))**2/effect**2
     return int(math.ceil(n))
 
-def _wilson(k:int, n:int, z:float=1.96)->tuple:
-    c, h = (k + z*z/2)/(n + z*z), z*math.sqrt(k*(n - k)/n + z*z/4)/(n + z*z)
-    return c - h, c + h
-
 def ab_result(right:dict, labelled:dict, plan:int, alpha:float=0.05)->dict:
     "The A/B comparison from each arm's photos right and labelled ({'champion': .., 'challenger': ..}): difference (challenger - champion), 95% interval, p-value, decided once both arms have `plan` labels"
     (k1, n1), (k2, n2) = (right['champion'], labelled['champion']), (right['challenger'], labelled['challenger'])
     if not (n1 and n2): return dict(decided=False, n=(n1, n2), plan=plan)
+    from petpark.judge import wilson  # here, not at the top: judge loads pandas and scikit-learn, which the server does without
     a, b = k1/n1, k2/n2
-    (l1, u1), (l2, u2) = _wilson(k1, n1), _wilson(k2, n2)
+    (l1, u1), (l2, u2) = wilson(k1, n1), wilson(k2, n2)
     d = b - a
     lo, hi = d - math.sqrt((b - l2)**2 + (u1 - a)**2), d + math.sqrt((u2 - b)**2 + (a - l1)**2)  # Newcombe's hybrid score interval
     pool = (k1 + k2)/(n1 + n2); se = math.sqrt(pool*(1 - pool)*(1/n1 + 1/n2))
@@ -267,6 +264,7 @@ def ab_words(ab:dict, ro:dict)->str:
 def arm_table(db, ro:dict, positive:str=None)->'pd.DataFrame':
     "Each version of rollout `ro` on the photos it answered: its role, photos, staff-labelled accuracy with a 95% Wilson interval, its share of `positive`, its p99 latency"
     import pandas as pd
+    from petpark.judge import wilson
     positive = positive or load_params().evaluate.positive
     f = read_frame(db, "SELECT model_version AS version, label, feedback, latency_ms FROM predictions WHERE rollout = ?", (ro['id'],))
     rows = []
@@ -274,7 +272,7 @@ def arm_table(db, ro:dict, positive:str=None)->'pd.DataFrame':
         x = f[f.version == v] if len(f) else f
         lab = x[x.feedback.notna()] if len(x) else x
         k, n = (int((lab.label == lab.feedback).sum()), len(lab)) if len(lab) else (0, 0)
-        lo, hi = _wilson(k, n) if n else (None, None)
+        lo, hi = wilson(k, n) if n else (None, None)
         rows.append(dict(version=v, role='champion' if v == ro['champion'] else 'challenger', photos=len(x), labelled=n,
                          accuracy=f'{k/n:.1%} ({lo:.1%} to {hi:.1%})' if n else 'no labels yet',
                          **{f'{positive.lower()} share': f'{(x.label == positive).mean():.1%}' if len(x) else '-'},
