@@ -31,6 +31,9 @@ COPY app/ /tmp/app/
 RUN set -- /usr/share/python-wheels/pip-*.whl \
  && python3 "$1/pip" install -q --no-cache-dir --disable-pip-version-check --no-index --no-deps /tmp/app/*.whl \
  && rm -rf /tmp/app
+# the face detector (CenterFace's ONNX file): photos are kept only with their faces blurred
+COPY centerface.onnx /opt/petpark/share/centerface.onnx
+ENV PETPARK_FACE_MODEL=/opt/petpark/share/centerface.onnx
 # petpark finds its settings in the project folder: pyproject.toml marks it, settings.ini holds them
 WORKDIR /app
 COPY pyproject.toml settings.ini /app/

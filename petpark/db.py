@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['LOG_SCHEMA', 'HOST_FACTS', 'log_url', 'db_kind', 'db_path', 'log_dir', 'safe_url', 'to_postgres', 'Db', 'log_exists',
-           'InferenceLog', 'host_facts', 'PhotoStore', 'photo_store', 'read_frame']
+           'InferenceLog', 'host_facts', 'Anonymised', 'PhotoStore', 'photo_store', 'read_frame']
 
 # %% ../nbs/74_db.ipynb #6dec2975
 import os, re, sqlite3, threading, time, uuid
@@ -145,14 +145,15 @@ def log_exists(db=None)->bool:
 LOG_SCHEMA = '''CREATE TABLE IF NOT EXISTS predictions(
   request_id TEXT, item INT, time REAL, stage TEXT, model_version TEXT, model_hash TEXT, variant TEXT, input_sha256 TEXT,
   filename TEXT, format TEXT, width INT, height INT, brightness REAL, contrast REAL, saturation REAL, embedding BLOB,
-  label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, camera TEXT, arm TEXT, rollout TEXT, PRIMARY KEY (request_id, item));
+  label TEXT, probs TEXT, latency_ms REAL, feedback TEXT, feedback_time REAL, camera TEXT, arm TEXT, rollout TEXT, faces INT,
+  PRIMARY KEY (request_id, item));
 CREATE TABLE IF NOT EXISTS refusals(time REAL, problem TEXT, status INT, filename TEXT, bytes INT, stage TEXT);
 CREATE TABLE IF NOT EXISTS host(time REAL, stage TEXT, cpu_pct REAL, mem_pct REAL, disk_pct REAL, temp_c REAL, rss_mb REAL);
 CREATE TABLE IF NOT EXISTS responses(time REAL, stage TEXT, endpoint TEXT, status INT, n INT);
 CREATE TABLE IF NOT EXISTS shadow(request_id TEXT, item INT, time REAL, stage TEXT, rollout TEXT, arm TEXT, model_version TEXT,
   label TEXT, probs TEXT, latency_ms REAL, PRIMARY KEY (request_id, item, arm));
 CREATE TABLE IF NOT EXISTS rollout_events(time REAL, stage TEXT, rollout TEXT, arm TEXT, event TEXT, n INT)'''
-_ADDED = {'predictions': ['stage TEXT', 'saturation REAL', 'camera TEXT', 'arm TEXT', 'rollout TEXT'], 'refusals': ['stage TEXT']}  # columns newer than a log may be
+_ADDED = {'predictions': ['stage TEXT', 'saturation REAL', 'camera TEXT', 'arm TEXT', 'rollout TEXT', 'faces INT'], 'refusals': ['stage TEXT']}  # columns newer than a log may be
 
 class InferenceLog:
     "Durable, thread-safe log of predictions, refusals and host telemetry in the `db_url`'s database, committed before the caller returns"
@@ -243,16 +244,28 @@ def host_facts(path='.')->dict:
     return dict(cpu_pct=psutil.cpu_percent(interval=None), mem_pct=psutil.virtual_memory().percent, disk_pct=psutil.disk_usage(str(path)).percent,
                 temp_c=max(hot) if hot else None, rss_mb=round(psutil.Process().memory_info().rss/2**20, 1))
 
+class Anonymised(bytes):
+    "A photo's bytes with every face found in it blurred (`petpark.faces.anonymise` makes them), and `faces`, how many"
+    def __new__(cls, b:bytes, faces:int):
+        o = super().__new__(cls, b); o.faces = int(faces); return o
+
 class PhotoStore:
-    "Photos by content hash under `root`; those older than `keep_days` are pruned unless kept"
+    "Photos by content hash under `root`, faces blurred; those older than `keep_days` are pruned unless kept"
     def __init__(self, root, keep_days:float=30): self.root, self.keep_days = Path(root), keep_days
 
     def path(self, sha:str)->Path: return self.root/sha[:2]/f'{sha}.img'
 
-    def put(self, sha:str, b:bytes)->Path:
-        "Store `b` under its hash `sha`, once (atomic: a reader never sees half a photo)"
+    def seen(self, sha:str)->bool:
+        "Whether the photo `sha` is kept already; if so it counts as recent again (it is pruned `keep_days` after its last sighting)"
         p = self.path(sha)
-        if p.exists(): os.utime(p); return p  # seen again: it counts as recent
+        if not p.exists(): return False
+        os.utime(p); return True
+
+    def put(self, sha:str, b:Anonymised)->Path:
+        "Store `b` under the hash `sha` of the photo as taken, once (atomic: a reader never sees half a photo); raw bytes are refused"
+        if not isinstance(b, Anonymised): raise PetparkError(f'photo {sha[:12]}: the photo store keeps only photos whose faces were blurred; pass petpark.faces.anonymise(photo)')
+        p = self.path(sha)
+        if self.seen(sha): return p
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(f'.{uuid.uuid4().hex}.tmp'); tmp.write_bytes(b); os.replace(tmp, p)
         return p

@@ -24,6 +24,7 @@ from fastcore.script import call_parse
 from .runtime import BadInput, check_photo, load_dir
 from .registry import Registry, load_registered
 from .db import InferenceLog, PhotoStore, host_facts, log_url, photo_store
+from .faces import FaceFinder, anonymise
 from .proc import usable_cores
 from .rollout import route
 
@@ -245,9 +246,11 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
                max_files:int=16, # photos per request
                admin_token:str='', # for /admin/reload; empty: admin actions are refused
                staff_token:str='', # for /feedback (labels become training data); empty: feedback is refused
-               photos:PhotoStore=None, # where predicted photos are kept for retraining (None: not kept)
+               photos:PhotoStore=None, # where predicted photos are kept for retraining, faces blurred (None: not kept)
                max_queue:int=16, # /predict requests in flight or waiting; past it 503 with Retry-After
-               shadow_queue:int=64)->FastAPI: # requests waiting for a rollout's second model; past it dropped, counted
+               shadow_queue:int=64, # requests waiting for a rollout's second model; past it dropped, counted
+               faces:FaceFinder=None, # finds the faces blurred before a photo is kept (default: the settings' face_threshold)
+               face_grow:float=1.3)->FastAPI: # each face's box is grown this much about its centre before the blur
     "The FastAPI app: /predict, /feedback, /health, /ready, /version, /metrics, /admin/reload, OpenAPI docs at /docs"
     @asynccontextmanager
     async def lifespan(app):
@@ -292,6 +295,13 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
             probs, emb, labels = model.predict(np.stack([model_input(im, model.size) for *_, im in photos_in]))
             return [p[:4] for p in photos_in], probs, emb, labels, (time.perf_counter() - t)*1000, [p[4] for p in photos_in]  # (name, bytes, sha256, facts) of each; the decodes
 
+    if photos and faces is None: faces = FaceFinder(get_settings().face_threshold)
+    def keep(rows:list, photos_in:list, ims:list):
+        "In one worker thread: each photo the store lacks, its faces blurred, into the store; each row's count of faces blurred"
+        with computing:
+            for r, (_, b, sha, _), im in zip(rows, photos_in, ims):
+                if not photos.seen(sha): a = anonymise(b, faces, im, face_grow); photos.put(sha, a); r['faces'] = a.faces
+
     @app.post('/predict', summary='Label one or several photos (multipart "files", or one raw image body)', response_model=PredictOut,
               responses=_refusals(400, 413, 415, 422, 503), openapi_extra=_predict_body(max_files, max_bytes, c))
     async def predict(request:Request):
@@ -333,10 +343,10 @@ def create_app(holder:ModelHolder, # the model being served (it brings its own i
                              input_sha256=sha, filename=n, format=f['format'], width=f['width'], height=f['height'],
                              brightness=f['brightness'], contrast=f['contrast'], saturation=f['saturation'], embedding=np.asarray(e, np.float32).tobytes(),
                              label=str(l), probs=json.dumps(pr), latency_ms=round(latency, 3), camera=camera,
-                             arm=arm if ro else None, rollout=ro['id'] if ro else None))
+                             arm=arm if ro else None, rollout=ro['id'] if ro else None, faces=None))
             preds.append(dict(item=i, file=n, label=str(l), probs=pr, input_sha256=sha))
             m['predictions'].labels(str(l), model.version).inc()
-        if photos: await run_in_threadpool(lambda: [photos.put(r['input_sha256'], b) for r, (_, b, _, _) in zip(rows, photos_in)])
+        if photos: await run_in_threadpool(keep, rows, photos_in, ims)  # a face is blurred before the photo touches the disk
         await run_in_threadpool(log.write, rows)  # durable before the client hears anything
         m['latency'].observe(model_ms/1000)
         if second: opinions.offer(ro, 'challenger' if pick(second) is not champion else 'champion', pick(second), rid, t, ims)  # after this answer, never before
@@ -435,7 +445,8 @@ def build_app(stage:str=None, model_dir=None, db_url:str=None, registry=None, va
     holder = holder or ModelHolder(stage, model_dir, s.serve_reload_s, registry, variant, s.serve_threads).start()
     log = InferenceLog(log_url(db_url), stage if not model_dir else None)
     photos = photo_store(log.path, s)
-    app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos, s.serve_max_queue, s.serve_shadow_queue)
+    app = create_app(holder, log, s.serve_max_bytes, s.serve_max_files, s.admin_token, s.staff_token, photos, s.serve_max_queue, s.serve_shadow_queue,
+                     FaceFinder(s.face_threshold), s.face_grow)
     app.state.housekeeper = Housekeeper(log, photos, s.host_every_s, app.state.responses, app.state.events).start()
     return app, holder
 
