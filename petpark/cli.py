@@ -17,7 +17,7 @@ COMMANDS = {'data': 'pipeline', 'ingest': 'ingest', 'eda': 'eda', 'review': 'rev
             'registry': 'registry', 'serve': 'serve', 'preprod-test': 'preprod', 'camera': 'camera', 'monitor': 'monitor',
             'retrain': 'govern', 'lineage': 'govern', 'loop': 'loop', 'rollout': 'rollout', 'dashboard': 'dashboard',
             'bench': {'ingest': 'bench', 'scale': 'bench', 'latency': 'bench_serve', 'evaluate': 'bench_serve', 'serve': 'bench_serve',
-                      'monitor': 'bench_monitor', 'dashboard': 'dashboard', 'loop': 'loop', 'rollout': 'bench_monitor'}}
+                      'monitor': 'bench_monitor', 'dashboard': 'dashboard', 'loop': 'loop', 'rollout': 'bench_monitor', 'faces': 'bench_serve'}}
 
 def command(words:list)->tuple:
     "The module and function name of the command `words` (e.g. ['bench', 'serve'])"

@@ -195,8 +195,21 @@ with fastai on the park's lake; served as ONNX ({pk['served']}).
 - Always answers one of two classes; it has no "neither" answer.
 - Accuracy on the park's own cameras must be watched (the monitoring stage) and re-checked after any change of camera.
 
+## Photos kept, and the people in them
+- The server answers from the photo as taken and keeps nothing else of it but its log row (time, camera id, label,
+  probabilities, an embedding, picture statistics, the number of faces blurred).
+- To turn staff labels into training data it keeps a copy of each photo it labelled, and only with every face it found
+  blurred: before the copy touches the disk, CenterFace (ONNX, in the server) finds the faces and each is replaced by a
+  strong blur of its box grown 1.3 times (the `face_threshold` and `face_grow` settings; measured in
+  `reports/bench_faces.md`: 97% of hand-marked faces in lake photos blurred). The store refuses unblurred photos.
+- Kept for `photo_keep_days` days (30 by default) after the photo was last seen, then deleted by the server's hourly
+  prune, unless staff labelled it: those are training data, kept, and copied (blurred) into the lake by `petpark retrain`.
+- Who may read them: the accounts of the park machine that runs the server and `petpark retrain` (the store is a
+  folder, `photo_dir`). The API has no way to read a photo back; staff post labels to `/feedback` with their token
+  and never see other photos.
+
 ## Ethical considerations
-- CCTV photos can show people: they are not used for anything but the animal label, and should be kept no longer than needed.
+- CCTV photos can show people: they are used for nothing but the animal label, and kept only blurred (above).
 - Errors are not symmetric for every use: check the per-class recall above before relying on one class.
 
 ## Lineage
