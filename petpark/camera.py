@@ -58,15 +58,17 @@ def video_frames(source:str, tally:dict, fps:float=2.0, motion:float=3.0, retrie
     while True:
         try:
             with open_video(source, timeout) as c:
-                opened, nxt = True, None
+                opened, nxt, off = True, None, -time.monotonic()
                 for f in c.decode(video=0):
-                    fails = 0; tally['decoded'] += 1
-                    t = time.monotonic() if live or f.time is None else f.time
+                    tally['decoded'] += 1
+                    t = f.time if f.time is not None else time.monotonic() + off  # a frame with no timestamp: the clock, in the stream's time
+                    off = t - time.monotonic()
                     if nxt is not None and t < nxt - 1e-6: continue
                     nxt = (t if nxt is None or t - nxt > 1/fps else nxt) + 1/fps; tally['sampled'] += 1  # on a grid of 1/fps, unless far behind
                     im = f.to_image(); th = thumb(im)
                     if not moved(last, th, motion): tally['still'] += 1; continue
-                    last, out = th, io.BytesIO(); im.save(out, 'JPEG', quality=90)
+                    last, out, fails = th, io.BytesIO(), 0  # something new came through: the connection works
+                    im.save(out, 'JPEG', quality=90)
                     yield f"frame{tally['sampled']}.jpg", out.getvalue()
             why = 'the stream ended'
         except (av.FFmpegError, OSError) as e:
@@ -86,7 +88,7 @@ def photo_video(photos:list, out, hold:float=1.0, fps:int=10, side:int=180)->Pat
     lst = out.with_suffix('.txt')
     lst.write_text(''.join(f"file '{Path(p).resolve()}'\nduration {hold}\n" for p in photos) + f"file '{Path(photos[-1]).resolve()}'\n")
     run_tool('ffmpeg', '-hide_banner', '-loglevel', 'error', '-y', '-f', 'concat', '-safe', '0', '-i', lst,
-             '-vf', f'scale={side}:{side},fps={fps},format=yuv420p', '-c:v', 'libx264', '-g', str(fps), out)
+             '-vf', f'scale={side}:{side},fps={fps},format=yuv420p', '-c:v', 'libx264', '-g', str(fps), '-movflags', '+faststart', out)  # playable while it downloads
     lst.unlink(); return out
 
 # %% ../nbs/87_camera.ipynb #0496466c
