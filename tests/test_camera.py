@@ -59,6 +59,7 @@ def test_an_rtsp_camera_feeds_prod_through_a_cut(park):
     out, err = cam.communicate(timeout=180)
     assert cam.returncode == 0, err
     res = json.loads(out.strip().splitlines()[-1])
+    print(json.dumps(res))  # frames decoded and sent a second, still frames skipped, reconnections: the closing note's figures
     assert res['sent'] == res['predicted'] == 26 and res['failed'] == 0 and not res['refused'], res
     assert res['reconnects'] >= 1 and f'{url}: ' in out and 'reconnecting in' in out, out[-3000:]  # the cut, said in a line
     assert res['still'] >= res['sent'], res  # a photo is held for four sampled frames: three are still, skipped
