@@ -17,7 +17,7 @@ from pathlib import Path
 from fastcore.script import call_parse
 from prefect import flow
 from .core import *
-from .db import log_exists, log_url
+from .db import InferenceLog, log_exists, log_url, photo_store
 from .registry import Registry
 from .proc import Served, free_port, pid_alive, run_tool, spawn, stop_pid, tool_path
 from .pipeline import copy_project, lake_sample, set_params
@@ -109,16 +109,17 @@ def daily_monitor(until:float|None=None, stage:str='prod', retrain:bool=True)->d
     from petpark.monitor import run_monitor
     P, s, reg, db = load_params(), get_settings(), Registry(), log_url()
     until = until or now(); since = until - 3600*P.monitor.window_hours
-    res, note = None, 'nothing served yet'
+    res, note, pruned = None, 'nothing served yet', 0
     if log_exists(db):
         try: res = run_monitor(db, since, until, P.monitor, s.alert_webhook, stage=stage)
         except PetparkError as e: note = str(e)  # no prediction in the window: nothing to check
+        pruned = photo_store(db, s).prune(InferenceLog(db).labelled())  # the retention limit, kept even while no server runs (servers prune hourly)
     alerting = {c['check']: c['words'] for c in (res['checks'] if res else []) if c['verdict'] == 'alert'}
     reg.audit('loop-monitor', LOOP_USER, at=until, version=res and res['version'], alerts=list(alerting),
               opened=[a['check'] for a in res['alerts']['opened']] if res else [], note=None if res else note)
     d = decide(list(alerting), **situation(reg, db, P, until), at=until, p=P.loop)
     reg.audit('loop-decision', LOOP_USER, at=until, retrain=d['retrain'], words=d['words'], waits_for=d['waits_for'], evidence=alerting)
-    print(f"{len(alerting)} alerts ({', '.join(alerting) or 'none'}); decision: {d['words']}")
+    print(f"{len(alerting)} alerts ({', '.join(alerting) or 'none'}); decision: {d['words']}; {pruned} photos past photo_keep_days deleted")
     out = start_retrain(d['words']) if d['retrain'] and retrain else None
     return dict(alerts=alerting, decision=d, retrain=out)
 

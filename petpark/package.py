@@ -202,8 +202,8 @@ with fastai on the park's lake; served as ONNX ({pk['served']}).
   blurred: before the copy touches the disk, CenterFace (ONNX, in the server) finds the faces and each is replaced by a
   strong blur of its box grown 1.3 times (the `face_threshold` and `face_grow` settings; measured in
   `reports/bench_faces.md`: 97% of hand-marked faces in lake photos blurred). The store refuses unblurred photos.
-- Kept for `photo_keep_days` days (30 by default) after the photo was last seen, then deleted by the server's hourly
-  prune, unless staff labelled it: those are training data, kept, and copied (blurred) into the lake by `petpark retrain`.
+- Kept for `photo_keep_days` days (30 by default) after the photo was last seen, then deleted (the server prunes hourly,
+  the loop's morning run daily), unless staff labelled it: those are training data, kept, and copied (blurred) into the lake by `petpark retrain`.
 - Who may read them: the accounts of the park machine that runs the server and `petpark retrain` (the store is a
   folder, `photo_dir`). The API has no way to read a photo back; staff post labels to `/feedback` with their token
   and never see other photos.
