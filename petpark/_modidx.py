@@ -288,6 +288,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'petpark.faces.nms': ('faces.html#nms', 'petpark/faces.py'),
                                'petpark.faces.sharpness': ('faces.html#sharpness', 'petpark/faces.py')},
             'petpark.figures': { 'petpark.figures._with_intervals': ('figures.html#_with_intervals', 'petpark/figures.py'),
+                                 'petpark.figures.camera_rows': ('figures.html#camera_rows', 'petpark/figures.py'),
                                  'petpark.figures.daily_drift': ('figures.html#daily_drift', 'petpark/figures.py'),
                                  'petpark.figures.daily_trends': ('figures.html#daily_trends', 'petpark/figures.py'),
                                  'petpark.figures.day_start': ('figures.html#day_start', 'petpark/figures.py'),
