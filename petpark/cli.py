@@ -14,7 +14,7 @@ from .core import *
 # %% ../nbs/90_cli.ipynb #084cb4e3
 COMMANDS = {'data': 'pipeline', 'ingest': 'ingest', 'eda': 'eda', 'review': 'review', 'train': 'train', 'evaluate': 'evaluate',
             'explain': 'explain', 'package': 'package', 'experiments': 'pipeline', 'repro': 'pipeline', 'remote': 'pipeline',
-            'registry': 'registry', 'serve': 'serve', 'preprod-test': 'preprod', 'camera': 'camera', 'monitor': 'monitor',
+            'registry': 'registry', 'serve': 'serve', 'preprod-test': 'preprod', 'camera': 'camera', 'audit': {'verify': 'registry'}, 'monitor': 'monitor',
             'retrain': 'govern', 'lineage': 'govern', 'loop': 'loop', 'rollout': 'rollout', 'dashboard': 'dashboard',
             'bench': {'ingest': 'bench', 'scale': 'bench', 'latency': 'bench_serve', 'evaluate': 'bench_serve', 'serve': 'bench_serve',
                       'monitor': 'bench_monitor', 'dashboard': 'dashboard', 'loop': 'loop', 'rollout': 'bench_monitor', 'faces': 'bench_serve'}}
