@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test install data lessons clean image docker base-image
+.PHONY: run test lint install data lessons clean image docker base-image
 
 # torch first, pinned, so pip takes this machine's local build instead of resolving a newer one
 $(VENV)/.installed: pyproject.toml
@@ -24,9 +24,17 @@ run: data
 	dvc repro
 	dvc metrics show
 
-test: install
+test: install lint
 	nbdev-test
 	python -m pytest -q --durations=30
+
+# ruff (configured in pyproject.toml) over the library, the tests and the notebooks' code; and every notebook as
+# nbdev-clean leaves it (a copy is cleaned and compared, so that nothing is rewritten under your hands)
+lint: install
+	ruff check petpark tests nbs
+	@rm -rf build/clean && mkdir -p build/clean && cp nbs/*.ipynb build/clean/ && nbdev-clean --fname build/clean && \
+	  bad=$$(for f in nbs/*.ipynb; do cmp -s $$f build/clean/$$(basename $$f) || echo $$f; done); \
+	  if [ -n "$$bad" ]; then echo "not clean (run nbdev-clean and commit): $$bad" >&2; exit 1; fi; echo "notebooks clean"
 
 # the notebooks' lesson outputs, kept in git so that they read as documentation (big outputs trimmed)
 lessons: install

@@ -202,8 +202,8 @@ def bench_monitor_report(out, model:LoadedModel, ref:dict, paths:list, labels:li
     table = pivot.reset_index()
     md = (f"# Monitor: power and false alarms of the detectors\n\n{verdict}\n\nShare of windows that alert: power under a shift, "
           f"false-alarm rate on `none` (untouched photos). {info} Blank: never judged (window under min_photos).\n\n" + md_table(table) +
-          f"\n## Run times\n\n`monitor_window` (reading the log, then every check) on a synthetic log, median of 3:\n\n" + md_table(runtime) +
-          f"\nThe drift and prediction checks alone on an in-memory window, mean:\n\n" + md_table(checks))
+          "\n## Run times\n\n`monitor_window` (reading the log, then every check) on a synthetic log, median of 3:\n\n" + md_table(runtime) +
+          "\nThe drift and prediction checks alone on an in-memory window, mean:\n\n" + md_table(checks))
     t = tidy.drop(columns='check_s')
     res = dict(verdict=verdict, aims=AIMS, pool=dict(photos=n, positive=dogs), windows=windows, with_replacement=rep,
                power=t.astype(object).where(t.notna(), None).to_dict('records'), runtime=runtime.to_dict('records'), checks=checks.to_dict('records'))

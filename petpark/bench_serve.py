@@ -46,7 +46,6 @@ def bench_latency(model_dir, onnx_files:dict, paths:list, repeats:int=1, warmup:
 # %% ../nbs/93_bench_serve.ipynb #578da3c7
 def bench_evaluate(images:Path, package_dir='artifacts/package', model_dir='models', params:Params=None, work_dir=None)->pd.DataFrame:
     "`evaluate_folder` on the labelled folder `images` with the learner in `model_dir` (baseline) and each ONNX variant in `package_dir`"
-    import petpark.model  # torch and fastai, imported outside the timed runs
     from petpark.evaluate import evaluate_folder
     P, work = params or load_params(), Path(work_dir or tempfile.mkdtemp())
     pos = P.evaluate.positive

@@ -144,7 +144,6 @@ def _demo_workspace(ws:Path, lake:Path, rng):
     res, cur = judge(preds, None, ['Cat', 'Dog'], load_params().evaluate)
     for k, c in cur.items(): c.to_csv(ws/f'artifacts/evaluate/{k}.csv', index=False)
     (ws/'metrics/evaluate.json').write_text(json.dumps(res, indent=2, default=str))
-    from PIL import Image
     ex = preds.head(4)
     ims = np.stack([np.asarray(open_rgb(lake/f).resize((64, 64))) for f in ex.path])
     np.savez_compressed(ws/'artifacts/explain/maps.npz', photos=ims, shap=rng.normal(size=(len(ex), 64, 64)).astype(np.float32))

@@ -7,10 +7,9 @@ __all__ = ['status_table', 'test_share', 'fig_hist', 'dup_table', 'quarantine_ta
            'eda_metrics', 'eda_stage', 'petpark_eda']
 
 # %% ../nbs/02_eda.ipynb #37859bfc
-import json
 from pathlib import Path
-import numpy as np, pandas as pd
-import plotly.express as px, plotly.io as pio
+import pandas as pd
+import plotly.express as px
 from PIL import Image
 from .core import *
 from fastcore.script import call_parse, store_true

@@ -90,7 +90,7 @@ def daily_drift(db, since:float, until:float, ref:dict, positive:str='Dog', stag
 # %% ../nbs/75_figures.ipynb #18d520ef
 def fig_trends(daily:pd.DataFrame, drift:pd.DataFrame, p:MonitorParams, ref_share:float=None, positive:str='Dog')->'go.Figure':
     "Every monitor check per day against its threshold: drift p-values, predicted share, feedback accuracy, refusals, latency, host"
-    import plotly.graph_objects as go; from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots
     pos = positive.lower()
     titles = ['data drift: KS p-value per day (alert below the dashed line)', f'share of photos predicted {pos}', 'accuracy: staff feedback (95% interval) and label-free estimate',
               'refused inputs', 'latency (ms)', 'host (%)']
@@ -119,7 +119,7 @@ def fig_trends(daily:pd.DataFrame, drift:pd.DataFrame, p:MonitorParams, ref_shar
 
 def fig_quality(ev:dict, curves_dir)->'go.Figure|None':
     "Confusion, ROC, precision-recall and calibration on the test split, from evaluate's metrics `ev` and its curves in `curves_dir` (None when they are missing)"
-    import plotly.graph_objects as go; from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots
     d = Path(curves_dir)
     if ev is None or not all((d/f'{k}.csv').exists() for k in ['roc', 'pr', 'calibration']): return None
     roc, pr, cal = (pd.read_csv(d/f'{k}.csv') for k in ['roc', 'pr', 'calibration'])
@@ -157,7 +157,7 @@ def fig_timeline(audit:list)->'go.Figure':
 
 def fig_data(man:pd.DataFrame)->'go.Figure':
     "The lake from ingest's manifest: photos per class and split, quarantined files by reason"
-    import plotly.graph_objects as go; from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots
     fig = make_subplots(1, 2, subplot_titles=['photos per class and split', 'quarantined files by reason'])
     kept = man[man.status.isin(['train', 'test'])]
     for s, g in kept.groupby('status'):

@@ -276,15 +276,15 @@ def lineage_text(l:dict)->str:
              f"  served {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(p0['time']))} by a {p0['stage'] or 'model-dir'} server",
              f"model {m['version']} ({m['hash'][:12]}, {m['variant']}, {m['backbone']})" + ('' if m['matches_registry'] else ' - WARNING: the logged hash differs from the registry'),
              f"  registered {r['registered']} by {r['by']}; gate {'passed' if (r['gate'] or {}).get('passed') else 'FAILED'}; stages: {', '.join(r['stages']) or 'none'}",
-             f"  pre-production: " + ('; '.join(f"{'passed' if x['passed'] else 'FAILED'} {x['at']} ({x['report']})" for x in r['preprod']) or 'never tested'),
-             f"  approval: " + (f"{ap['by']} {ap['at']}: {ap['note']}" if ap else 'none'),
+             "  pre-production: " + ('; '.join(f"{'passed' if x['passed'] else 'FAILED'} {x['at']} ({x['report']})" for x in r['preprod']) or 'never tested'),
+             "  approval: " + (f"{ap['by']} {ap['at']}: {ap['note']}" if ap else 'none'),
              f"  audit: {len(r['audit'])} entries (" + ', '.join(a['action'] for a in r['audit']) + ')',
              f"training run: W&B {t['wandb_run']}" + (f" ({t['wandb_dir']})" if t['wandb_dir'] else ' (no local record)') + f", lr {t['lr']}",
              f"code: commit {c['commit'][:12]}" + (f" ({c['subject']})" if c['subject'] else ' (not in this repository)') +
              (', with uncommitted code changes: the code differed from the commit' if c['code_differed'] else ', clean: the code was exactly this commit'),
              f"data: lake snapshot {d['data_dvc_md5']}" + (f", pinned by {d['pinned_by']}" if d['pinned_by'] else ', pinned by no commit of data.dvc') +
              (' (the current data.dvc)' if d['current'] else ' (data.dvc has moved on since)') + f"; manifest sha256 {str(d['manifest_sha256'])[:16]}",
-             f"params at that commit: " + (', '.join(f"{k}.{kk}={vv}" for k in ('train',) for kk, vv in (l['params'] or {}).get(k, {}).items() if not isinstance(vv, dict))
+             "params at that commit: " + (', '.join(f"{k}.{kk}={vv}" for k in ('train',) for kk, vv in (l['params'] or {}).get(k, {}).items() if not isinstance(vv, dict))
                                           if l['params'] else 'unknown (commit not in this repository)')]
     return '\n'.join(lines)
 

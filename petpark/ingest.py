@@ -9,7 +9,7 @@ __all__ = ['LITTER', 'MASK64', 'CACHE_VERSION', 'DASK_CONNECT_S', 'ENGINES', 'MA
            'drop_reviewed', 'write_manifest', 'ingest_metrics', 'ingest_lake', 'ingest_stage', 'petpark_ingest']
 
 # %% ../nbs/01_ingest.ipynb #aeeb1b14
-import csv, itertools, json, os, sqlite3, time
+import csv, itertools, os, sqlite3, time
 from contextlib import closing, contextmanager, nullcontext
 from multiprocessing import Pool
 from pathlib import Path

@@ -8,7 +8,6 @@ __all__ = ['THRESHOLD_GRID', 'choose_threshold', 'threshold_choice', 'wilson', '
 
 # %% ../nbs/72_judge.ipynb #fb8d726d
 import json
-from pathlib import Path
 import numpy as np, pandas as pd
 from sklearn.metrics import precision_recall_fscore_support, roc_curve, precision_recall_curve, roc_auc_score, average_precision_score
 from .core import *

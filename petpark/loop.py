@@ -256,7 +256,7 @@ def loop_status()->str:
     lines = [f"server: {'running' if pid_alive(pids.get('server', 0) or 0) else 'stopped'}, runner: {'running' if pid_alive(pids.get('runner', 0) or 0) else 'stopped'}; "
              f"UI http://127.0.0.1:{s.loop_port}"]
     for d in loop_deployments(api):
-        runs = lambda states, sort: _api(api, '/flow_runs/filter', {'deployments': {'id': {'any_': [d['id']]}}, 'flow_runs': {'state': {'type': {'any_': states}}},
+        runs = lambda states, sort, d=d: _api(api, '/flow_runs/filter', {'deployments': {'id': {'any_': [d['id']]}}, 'flow_runs': {'state': {'type': {'any_': states}}},
                                                                      'sort': sort, 'limit': 1})
         past = runs(['COMPLETED', 'FAILED', 'CRASHED', 'CANCELLED', 'RUNNING'], 'EXPECTED_START_TIME_DESC')
         nxt = runs(['SCHEDULED'], 'EXPECTED_START_TIME_ASC')

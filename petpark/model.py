@@ -13,7 +13,7 @@ from pathlib import Path
 # timm and fastai script a few layers with torch.jit at import, which torch 2.14 deprecates: a warning for their
 # maintainers that no reader of a stage page can act on (it showed on the EDA and evaluate pages)
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
-import numpy as np, pandas as pd, torch, timm, yaml
+import numpy as np, pandas as pd, torch, timm
 from torch import nn
 from fastai.vision.all import create_head, progress_bar
 from .core import *

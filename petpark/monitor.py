@@ -421,7 +421,6 @@ def monitor_stage(params:Params=None, window='artifacts/monitor/window', metrics
 # %% ../nbs/07_monitor.ipynb #a666e384
 def fig_window(window)->'go.Figure':
     "Histograms of the window's photo statistics and p(positive) against the reference's"
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
     w = proj_path(window); info = json.loads((w/'window.json').read_text())
     df, _, _, _ = read_window(w/'log.sqlite', info['since'], info['until'], 0, stage=info['stage'])

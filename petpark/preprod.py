@@ -8,7 +8,7 @@ __all__ = ['REPORT_CSS', 'labelled_photos', 'test_split_photos', 'api_info', 'po
            'check_load', 'run_preprod', 'report_html', 'verdict_words', 'write_preprod_report', 'petpark_preprod_test']
 
 # %% ../nbs/82_preprod.ipynb #b7ed3329
-import html, io, json, os, random, struct, threading, time, zlib
+import html, io, json, os, struct, threading, time, zlib
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx, numpy as np, pandas as pd
 from PIL import Image
 from .core import *
-from fastcore.script import call_parse, store_true
+from fastcore.script import call_parse
 from .ingest import walk_lake, is_litter
 from .judge import quality, bias, gate
 

@@ -113,7 +113,7 @@ def audit_problem(log:Path, head:Path, key:str=None)->str|None:
             return (f'record {want} is missing (line {want} holds record {r["seq"]}): removed' if r['seq'] == want + 1
                     else f'records {want} to {r["seq"] - 1} are missing (line {want} holds record {r["seq"]}): removed')
         if r.get('prev') != (_h(lines[i - 1]) if i else GENESIS):
-            return f'record {i} was edited: record {want} was chained to other contents' if i else f'record 1 was edited'
+            return f'record {i} was edited: record {want} was chained to other contents' if i else 'record 1 was edited'
         if key and not hmac.compare_digest(r.get('sig', ''), audit_sig(r, key)):
             return f'record {want} has no valid signature: edited, or written without the site key'
     h = json.loads(head.read_text()) if head.exists() else None

@@ -41,7 +41,7 @@ def start_rollout(self, ref:str, mode:str='canary', share:float=None, by=None, n
     if share is not None and not 0 < share <= 1: raise PetparkError(f'--share {share}: give the challenger\'s share of cameras, above 0 and at most 1')
     ver, champ = self.resolve(ref)['version'], self.resolve('prod')['version']
     others = [self.resolve(a)['version'] for a in also]
-    if others and mode != 'bandit': raise PetparkError(f'only a bandit has more than one challenger: --also with --mode bandit')
+    if others and mode != 'bandit': raise PetparkError('only a bandit has more than one challenger: --also with --mode bandit')
     if len({ver, *others}) > 2 or champ in others or len(set(others)) < len(others): raise PetparkError('a bandit runs prod and at most two other versions, each once')
     for o in others:
         if not self.state()['approvals'].get(o): self._refuse('rollout-start', f'{o} has no QA approval: a bandit answers real cameras with it', by, version=o)

@@ -140,7 +140,7 @@ def search_lr(items:pd.DataFrame, root:Path, p:TrainParams, seed:int, group:str=
         set_seed(seed, reproducible=True)
         learn = get_learner(get_dls(sub, root, s.img_size, p.bs, seed), p.backbone, p.wd, label_smoothing=p.label_smoothing)
         cfg = dict(trial=i, lr=lr, subset=s.subset, img_size=s.img_size, bs=p.bs, wd=p.wd, label_smoothing=p.label_smoothing, backbone=p.backbone)
-        rows.append({**cfg, **fit_run(learn, f'search-{i}', cfg, lambda l: l.fit_one_cycle(1, lr), 'search', group)})
+        rows.append({**cfg, **fit_run(learn, f'search-{i}', cfg, lambda l, lr=lr: l.fit_one_cycle(1, lr), 'search', group)})
         wandb.finish()
     return pd.DataFrame(rows).sort_values(['accuracy', 'valid_loss'], ascending=[False, True]).reset_index(drop=True)
 

@@ -1,7 +1,7 @@
 """The park's cameras: a live RTSP stream (an H.264 video of lake photos, served on loopback by a real RTSP server) into a
 prod server, frames sampled and still ones skipped, a cut stream reconnected, every prediction under the camera's id,
 the camera in the monitor's report, and no face left unblurred in the photo store"""
-import io, json, socket, sqlite3, subprocess, sys, time
+import json, socket, sqlite3, subprocess, sys, time
 from pathlib import Path
 import pytest
 from PIL import Image

@@ -88,7 +88,6 @@ def test_picking_another_version_changes_the_accuracy_shown(page, dash):
     open_page(page, dash.render_url('model'), 300)
     acc = page.locator('.pp-accuracy').first
     assert acc.inner_text() == '91.25%'  # v1, the prod version, by default
-    before = page.evaluate(PLOTS)
     page.locator('select').first.select_option('v2')
     page.wait_for_function("document.querySelector('.pp-accuracy').innerText === '95.25%'", timeout=20_000)
     page.locator('select').nth(1).select_option('v2')  # compare v2 with itself: the comparison's chart follows

@@ -5,7 +5,6 @@ import json, shutil, sqlite3, subprocess, threading, time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 import httpx, pytest, yaml
 from petpark.proc import Served
-from petpark.registry import Registry
 from petpark.rollout import rehearsal_candidate
 from petpark.testing import lesson_registry
 from conftest import ROOT, TEST_LAKE, petpark, venv_env

@@ -149,7 +149,7 @@ def test_above_capacity_the_server_sheds_load_with_503_and_retry_after(reg):
         got = []
         for _ in range(5):  # bursts until one overlaps (it does at once on any machine; no clock is asserted)
             start = threading.Barrier(8)
-            def one():
+            def one(start=start):
                 start.wait()
                 r = predict(s.url, *photos)
                 got.append((r.status_code, r.headers.get('retry-after'), r.json()))
