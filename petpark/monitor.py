@@ -19,7 +19,7 @@ from .core import *
 from fastcore.script import call_parse, store_true
 from .runtime import LoadedModel, decode_photo, onnx_predict
 from .db import Db, HOST_FACTS, LOG_SCHEMA, log_exists, log_url, read_frame, safe_url
-from .judge import share_words, wilson
+from .judge import class_quality, share_words, wilson
 
 # %% ../nbs/07_monitor.ipynb #b36507b6
 def build_reference(model:LoadedModel, paths:list, valid:pd.DataFrame=None)->dict:
@@ -165,20 +165,24 @@ def prediction_checks(df:pd.DataFrame, ref:dict, positive:str, p:MonitorParams, 
     return out
 
 # %% ../nbs/07_monitor.ipynb #881aa4bd
+def _pr(v, ci)->str: return '-' if v is None else f'{v:.1%} ({ci[0]:.1%}-{ci[1]:.1%})'
+
 def model_checks(df:pd.DataFrame, positive:str, p:MonitorParams)->list:
-    "Model drift: accuracy and per-class recall from staff feedback with 95% intervals, beside the label-free estimate (mean confidence)"
+    "Model drift: accuracy, and each class's precision, recall and F1, from staff feedback with 95% intervals, beside the label-free estimate (mean confidence)"
     conf = float(df.filter(regex='^p_').max(axis=1).mean()) if len(df) else float('nan')
     fb = df[df.feedback.notna()]
     if len(fb) < p.min_feedback:
         return [_chk('model drift', 'n/a', f'{len(fb)} photos with staff feedback (at least {p.min_feedback} needed); label-free estimate of '
                      f'accuracy: {conf:.1%} (the mean confidence of a calibrated model)', 'label-free accuracy', round(conf, 6))]
     right = int((fb.feedback == fb.label).sum()); lo, hi = wilson(right, len(fb)); acc = right/len(fb)
-    rec = {c: f"{(g.label == c).mean():.1%}" for c, g in fb.groupby('feedback')}
+    q = class_quality(fb.feedback, fb.label)
     bad = hi < p.min_accuracy
     return [_chk('model drift', 'alert' if bad else 'ok',
-                 f"accuracy from staff feedback {acc:.1%} (95% interval {lo:.1%}-{hi:.1%}) on {len(fb)} photos, recall " +
-                 ', '.join(f'{c.lower()} {r}' for c, r in rec.items()) + f"; label-free estimate {conf:.1%}; alert when the whole interval is "
-                 f"below {p.min_accuracy:.0%}", 'feedback accuracy', round(acc, 6), p.min_accuracy, severity='critical',
+                 f"accuracy from staff feedback {acc:.1%} (95% interval {lo:.1%}-{hi:.1%}) on {len(fb)} photos; " +
+                 '; '.join(f"{c.lower()}: precision {_pr(r['precision'], r['precision_ci'])}, recall {_pr(r['recall'], r['recall_ci'])}, "
+                           f"F1 {_pr(r['f1'], r['f1_ci'])}" for c, r in q.items()) +
+                 f"; label-free estimate {conf:.1%}; alert when the whole accuracy interval is below {p.min_accuracy:.0%}",
+                 'feedback accuracy', round(acc, 6), p.min_accuracy, severity='critical', per_class=q,
                  action='run `petpark retrain`: the labelled photos become a new batch of the lake' if bad else None)]
 
 def telemetry_checks(df:pd.DataFrame, refusals:pd.DataFrame, host:pd.DataFrame, since:float, until:float, p:MonitorParams)->list:
