@@ -166,14 +166,19 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
                 levels=(1, 4, 16), requests:int=120, rates=(10, 25, 50, 75, 100), seconds:float=10, engine_seconds:float=5)->dict:
     "Closed-loop, open-loop and in-process figures of each variant, one after another, on loopback: {'closed', 'open', 'engine'} tables"
     from petpark.preprod import load_test
-    closed, opened, engine, db = [], [], [], Path(tempfile.mkdtemp())
+    from petpark.energy import Energy
+    closed, opened, engine, energy, db = [], [], [], [], Path(tempfile.mkdtemp())
     threads = get_settings().serve_threads
     cores = usable_cores()
     for v in variants:
         code = f"from petpark.bench_serve import bench_server; bench_server({v!r}, {{port}}, {str(package_dir)!r}, {str(model_dir)!r}, 'sqlite:///{db}/{v}.sqlite')"
         with Served([sys.executable, '-c', code], timeout=600) as s:  # PyTorch takes minutes to import on a busy machine
             load_test(s.url, bodies, 2*max(levels), max(levels))  # warm up
-            for c in levels: closed.append(dict(variant=v, **load_test(s.url, bodies, requests, c)))
+            with Energy(f'serve-{v}', every_s=1) as e:  # the whole machine: the server and the load generator beside it
+                for c in levels: closed.append(dict(variant=v, **load_test(s.url, bodies, requests, c)))
+            n = requests*len(levels); r = e.result
+            energy.append(dict(variant=v, predictions=n, seconds=r['seconds'], wh_per_1000=round(r['kwh']*1e6/n, 4),
+                               g_co2e_per_1000=round(r['kg_co2e']*1e6/n, 4), cpu_w=r['cpu_w'], ram_w=r['ram_w'], how=r['how']))
             for r in rates: opened.append(dict(variant=v, **open_loop(s.url, bodies, r, seconds)))
         x = model_input(open_rgb(bodies[0]), Contract.of(json.loads((proj_path(package_dir)/'serving.json').read_text())).img_size)
         settings = [(threads, max(1, cores//threads), False)] + ([(cores, 1, False), (cores, 1, True)] if v != 'eager' else [])
@@ -182,7 +187,7 @@ def bench_serve(bodies:list, package_dir='artifacts/package', model_dir='models'
     closed = pd.DataFrame(closed).drop(columns=['errors', 'ok'])
     base = closed[closed.variant == variants[0]].set_index('concurrency').req_per_s
     closed[f'req_per_s_vs_{variants[0]}'] = (closed.req_per_s/closed.concurrency.map(base)).round(2)
-    return dict(closed=closed, open=pd.DataFrame(opened), engine=pd.DataFrame(engine))
+    return dict(closed=closed, open=pd.DataFrame(opened), engine=pd.DataFrame(engine), energy=pd.DataFrame(energy))
 
 def serve_summary(res:dict, package_dir='artifacts/package', peak:dict=None)->pd.DataFrame:
     "Per variant: the highest rate sustained (all 200, achieved ≥ 95% of offered), its p99, its share of the engine's images/s, GFLOP/s against the peak"
@@ -246,7 +251,10 @@ def write_serve_bench(res:dict, out, package_dir='artifacts/package', note:str='
           f"`serve_max_queue`); `errors` anything else not a 200. `client_cpu_pct`: the load generator's own CPU (% of one core).\n\n"
           f"{md_table(res['open'])}\n## Closed loop: `concurrency` requests at a time (the pre-production check's load)\n\n{md_table(res['closed'])}\n"
           f"## The engine in-process (photos already decoded)\n\n`threads` intra-op threads a run, `runs` runs at once; "
-          f"the first row of each variant is the server's setting.\n\n{md_table(res['engine'])}")
+          f"the first row of each variant is the server's setting.\n\n{md_table(res['engine'])}"
+          + (f"\n## Energy per 1,000 predictions (the closed-loop runs)\n\nCodeCarbon's offline tracker over each variant's closed-loop "
+             f"runs: the whole machine, load generator included, priced at the `carbon_country` grid.\n\n{md_table(res['energy'], floats='{:.4g}')}"
+             if 'energy' in res else ''))
     md = write_report(out, md, dict(peak=peak, **{k: v.to_dict('records') for k, v in {**res, 'summary': summary}.items()}))
     res['open'].to_csv(out.with_suffix('.csv'), index=False)
     return md

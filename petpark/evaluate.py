@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 from .core import *
+from .energy import Energy
 from fastcore.script import call_parse, store_true
 from .proc import run_stage
 from .judge import judge, review_words, wilson
@@ -74,7 +75,9 @@ def evaluate_stage(params:Params=None, manifest=MANIFEST, data_dir='data', model
     P = params or load_params()
     man = pd.read_csv(proj_path(manifest))
     test = (man.status == 'test') | ((man.reason == 'review_drop') & (man.split == 'test'))  # dropped by review: scored only as labelled
-    return score_photos(man[test], proj_path(data_dir), P.evaluate, model_dir, valid_preds, out_dir, metrics)
+    with Energy('evaluate') as energy:
+        res = score_photos(man[test], proj_path(data_dir), P.evaluate, model_dir, valid_preds, out_dir, metrics)
+    return write_metrics(metrics, {**res, 'energy': energy.result})  # with what judging them cost
 
 def evaluate_folder(images:Path, params:Params=None, model_dir='models', valid_preds='artifacts/train/valid_preds.csv', out_dir=None,
                     variant:str='fp32')->dict:

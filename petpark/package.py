@@ -12,6 +12,7 @@ import json, shutil
 from pathlib import Path
 import numpy as np, pandas as pd
 from .core import *
+from .energy import energy_words
 from fastcore.script import call_parse, store_true
 from .proc import run_stage
 from .judge import check_gate, review_words
@@ -194,6 +195,11 @@ with fastai on the park's lake; served as ONNX ({pk['served']}).
   error gallery in `reports/04_evaluate.html` and the SHAP report `reports/05_explain.html`).
 - Always answers one of two classes; it has no "neither" answer.
 - Accuracy on the park's own cameras must be watched (the monitoring stage) and re-checked after any change of camera.
+
+## Energy and emissions
+- Training: {energy_words(meta.get('energy'))}.
+- Evaluation on the test split: {energy_words(ev.get('energy'))}.
+- Measured with CodeCarbon's offline tracker; serving's cost per 1,000 predictions is in `reports/bench_serve.md`.
 
 ## Photos kept, and the people in them
 - The server answers from the photo as taken and keeps nothing else of it but its log row (time, camera id, label,

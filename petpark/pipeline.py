@@ -75,7 +75,7 @@ def petpark_remote(action:str, # push, pull, or status (what differs between thi
 RECIPE = ['backbone', 'img_size', 'freeze_epochs', 'epochs', 'lr', 'label_smoothing', 'final_img_size', 'final_epochs']
 
 def experiment_table(exp_show:list)->pd.DataFrame:
-    "A row per commit or experiment in `dvc exp show --json` output that has test metrics: the train recipe, train minutes, test accuracy with its 95% interval"
+    "A row per commit or experiment in `dvc exp show --json` output that has test metrics: the train recipe, train minutes and energy, test accuracy with its 95% interval"
     rows = []
     def add(name, rev, data):
         m = (data or {}).get('metrics') or {}
@@ -85,7 +85,9 @@ def experiment_table(exp_show:list)->pd.DataFrame:
         right = round(ev['accuracy']*ev['n']); lo, hi = wilson(right, ev['n'])
         recipe = {**{k: t.get(k) for k in RECIPE}, 'lr': tr.get('lr', t.get('lr'))}  # the learning rate used: the search's pick, where it ran
         rows.append(dict(experiment=name, rev=rev[:7], **recipe, lr_search=bool((t.get('search') or {}).get('lrs')),
-                         train_min=round(tr['seconds']/60, 1) if 'seconds' in tr else None, n=ev['n'], errors=ev['n'] - right,
+                         train_min=round(tr['seconds']/60, 1) if 'seconds' in tr else None,
+                         train_kwh=(tr.get('energy') or {}).get('kwh'), train_g_co2e=(lambda e: e and round(e['kg_co2e']*1000, 2))(tr.get('energy')),
+                         n=ev['n'], errors=ev['n'] - right,
                          accuracy=ev['accuracy'], ci95_low=round(lo, 4), ci95_high=round(hi, 4)))
     for c in exp_show:
         add(c.get('name') or ('workspace' if c['rev'] == 'workspace' else c['rev'][:7]), c['rev'], c.get('data'))
@@ -114,7 +116,8 @@ def experiments_markdown(df:pd.DataFrame)->str:
     d = d.where(d.notna(), None).assign(accuracy=[f'**{a:.2%}**' for a in df.accuracy], lr=plain(df.lr), label_smoothing=plain(df.label_smoothing),
                                         final_img_size=whole('final_img_size'), final_epochs=whole('final_epochs'),
                                         ci95=[f'{lo:.2%} to {hi:.2%}' for lo, hi in zip(df.ci95_low, df.ci95_high)])
-    return md_table(d.assign(train_min=[None if v is None else f'{v:.1f}' for v in d.train_min]))
+    kwh = df['train_kwh'] if 'train_kwh' in df else [None]*len(df)  # blank for a run from before energy was measured
+    return md_table(d.assign(train_min=[None if v is None else f'{v:.1f}' for v in d.train_min], train_kwh=[None if pd.isna(v) else f'{v:.4f}' for v in kwh]))
 
 # %% ../nbs/84_pipeline.ipynb #9b779b31
 @call_parse

@@ -21,6 +21,7 @@ from fastai.distributed import DistributedDL  # also gives `Learner.distrib_ctx`
 from fastai.callback.wandb import WandbCallback
 from fastai.callback.channelslast import ChannelsLast
 from .core import *
+from .energy import Energy
 from fastcore.script import call_parse, store_true
 from .proc import run_stage
 from .proc import run_tool
@@ -192,24 +193,26 @@ def train_stage(params:Params=None, manifest=MANIFEST, data_dir='data', model_di
     items, t0 = train_items(pd.read_csv(proj_path(manifest)), p.valid_frac, p.max_train, seed), time.time()
     group, lr = f'train-{int(t0)}', p.lr
     trials = pd.DataFrame(columns=['trial', 'lr', 'accuracy', 'valid_loss', 'seconds'])  # no search: no trials
-    if p.search.lrs:
-        trials = search_lr(items, root, p, seed, group)
-        lr = rank0_value(float(trials.lr[0]))
-    procs = max(1, num_distrib())
-    learn, res, hist = fine_tune_model(items, root, p, lr, seed, config=dict(valid_frac=p.valid_frac, max_train=p.max_train, seed=seed, procs=procs), group=group)
+    with Energy('train', on=not rank_distrib()) as energy:  # the machine's power, so rank 0 alone tracks it for every rank
+        if p.search.lrs:
+            trials = search_lr(items, root, p, seed, group)
+            lr = rank0_value(float(trials.lr[0]))
+        procs = max(1, num_distrib())
+        learn, res, hist = fine_tune_model(items, root, p, lr, seed, config=dict(valid_frac=p.valid_frac, max_train=p.max_train, seed=seed, procs=procs), group=group)
     if rank_distrib(): return None  # rank 0 writes every output
     trials.to_csv(out_dir/'search.csv', index=False)
     hist.to_csv(out_dir/'history.csv', index=False)
     predict_items(learn, items[items.is_valid], root, tta=p.tta).to_csv(out_dir/'valid_preds.csv', index=False)
     info = dict(lr=lr, n_train=int((~items.is_valid).sum()), n_valid=int(items.is_valid.sum()), valid_accuracy=res['accuracy'],
-                tta=p.tta, procs=procs, wandb_run=res['wandb_run'], wandb_group=group, **data_version(), git_commit=git_commit())
+                tta=p.tta, procs=procs, wandb_run=res['wandb_run'], wandb_group=group, **data_version(), git_commit=git_commit(), energy=energy.result)
     save_model(learn, model_dir, model_size(p), p.backbone, info)
-    _log_model_artifact(model_dir)
+    _log_model_artifact(model_dir, energy.result)
     return write_metrics(metrics, {**info, 'seconds': round(time.time() - t0, 1)})
 
-def _log_model_artifact(model_dir):
-    "Attach the exported model files to the final W&B run, then finish it"
+def _log_model_artifact(model_dir, energy:dict=None):
+    "Attach the exported model files (and the training's energy, to the summary) to the final W&B run, then finish it"
     import wandb
+    if energy: wandb.run.summary.update({'energy_kwh': energy['kwh'], 'kg_co2e': energy['kg_co2e'], 'energy_how': energy['how']})
     art = wandb.Artifact('petpark-model', type='model')
     for f in ['model.pkl', 'model.pth', 'model.json']: art.add_file(str(model_dir/f))
     wandb.run.log_artifact(art); wandb.finish()

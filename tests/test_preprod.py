@@ -110,6 +110,7 @@ def test_bench_serve_compares_eager_fp32_and_int8_in_one_run(tmp_path):
     assert all(x['sent'] == x['ok'] + x['shed_503'] + x['errors'] and x['errors'] == 0 and x['client_cpu_pct'] > 0 for x in curve)
     assert [x['variant'] for x in res['engine']] == ['eager', 'fp32', 'fp32', 'fp32', 'int8', 'int8', 'int8']
     assert [x['variant'] for x in res['summary']] == ['eager', 'fp32', 'int8'] and all(x['gflop_per_image'] > 0 for x in res['summary'])
+    assert [x['variant'] for x in res['energy']] == ['eager', 'fp32', 'int8'] and all(x['wh_per_1000'] > 0 and x['predictions'] == 24 for x in res['energy'])
     md = (tmp_path/'bench.md').read_text()
-    assert '## Open loop' in md and '| int8 | 2 |' in md and 'GFLOP/s' in md
+    assert '## Open loop' in md and '| int8 | 2 |' in md and 'GFLOP/s' in md and '## Energy per 1,000 predictions' in md
     assert (tmp_path/'bench.csv').read_text().startswith('variant,offered_rps,')
