@@ -107,7 +107,7 @@ def camera(url:str, source, rate:float=2.0, count:int=0, loop:bool=False, feedba
            fps:float=None, motion:float=None, retries:int=None)->dict:
     "Send `source`'s photos (a folder, at `rate` a second) or frames (a video or stream, at `fps`, still ones skipped) to `/predict` as camera `cam` (default from the source; `cameras` > 0: cam-1, cam-2, ... taking turns); `count` of them, 0: all"
     kind, url, s = source_kind(source), url.rstrip('/'), get_settings()
-    cam = cam or camera_id(source)
+    cam = cam or (camera_id(source) if kind != 'folder' else None)  # a folder of stills is no one camera: no id unless given (requests are then split by request id)
     token = s.staff_token if staff_token is None else staff_token
     if feedback and not token: raise PetparkError('--feedback posts staff labels, which need the staff token: set PETPARK_STAFF_TOKEN')
     api_info(url)
@@ -148,7 +148,7 @@ def petpark_camera(source:str, # a folder of photos (Cat/ and Dog/ subfolders le
                    rate:float=2.0, # a folder's photos per second
                    fps:float=None, # a video's frames taken per second (default: the camera_fps setting)
                    motion:float=None, # a frame whose 32x32 grey thumbnail differs from the last sent by at most this (mean, of 255) is skipped (default: camera_motion)
-                   camera_id:str=None, # the camera's id, sent with every request (default: from the source: a URL's host/path, a folder's or file's name)
+                   camera_id:str=None, # the camera's id, sent with every request (default: from the source: a URL's host/path or a video file's name; a folder: none)
                    count:int=0, # stop after this many sent (0: when the folder or file is done; a stream goes on)
                    loop:store_true=False, # start the folder or file again when it is done
                    feedback:float=0.0, # share of labelled photos whose true label is posted to /feedback, as staff would
