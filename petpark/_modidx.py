@@ -570,7 +570,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'petpark.registry.Registry.table': ('registry.html#registry.table', 'petpark/registry.py'),
                                   'petpark.registry._clear_unregistered': ('registry.html#_clear_unregistered', 'petpark/registry.py'),
                                   'petpark.registry._h': ('registry.html#_h', 'petpark/registry.py'),
-                                  'petpark.registry._is_json': ('registry.html#_is_json', 'petpark/registry.py'),
                                   'petpark.registry._now': ('registry.html#_now', 'petpark/registry.py'),
                                   'petpark.registry._table': ('registry.html#_table', 'petpark/registry.py'),
                                   'petpark.registry._write_json': ('registry.html#_write_json', 'petpark/registry.py'),

@@ -239,16 +239,16 @@ def camera_checks(df:pd.DataFrame, emb:pd.DataFrame, ref:dict, positive:str, hou
     "A check per camera id in the window: its photos and request rate, its share of `positive`, and whether its photos drifted from the reference (MMD on its embeddings, Holm-corrected across cameras)"
     if 'camera' not in df or not df.camera.notna().any(): return []
     cams, e, raw = dict(list(df[df.camera.notna()].groupby('camera'))), emb.set_index('rowid').embedding, {}
-    for cam, g in cams.items():
-        z = e.reindex(g.rowid).dropna()
+    sample = {cam: e.reindex(g.rowid).dropna() for cam, g in cams.items()}  # each camera's photos in the embedding sample
+    for cam, z in sample.items():
         if len(z) < p.min_photos: continue
         z = np.stack(z.values); mu, comp = pca_fit(np.vstack([ref['embedding'], z]), p.pca_dims)
         raw[cam] = mmd_test((ref['embedding'] - mu)@comp.T, (z - mu)@comp.T, p.permutations)[1]
     adj, out = holm(raw) if raw else {}, []
     for cam, g in cams.items():
-        pv, n_emb = adj.get(cam), len(e.reindex(g.rowid).dropna())
-        drift = (f'{n_emb} of its photos\' embeddings are too few to judge drift (at least {p.min_photos})' if pv is None else
-                 f"its photos {'have drifted' if pv < p.alpha else 'look like the reference'} (MMD on {n_emb} embeddings, p = {pv:.2g} after Holm correction across cameras)")
+        pv, k = adj.get(cam), len(sample[cam])
+        drift = (f'{k} of its photos\' embeddings are too few to judge drift (at least {p.min_photos})' if pv is None else
+                 f"its photos {'have drifted' if pv < p.alpha else 'look like the reference'} (MMD on {k} embeddings, p = {pv:.2g} after Holm correction across cameras)")
         bad = pv is not None and pv < p.alpha
         out.append(_chk(f'camera {cam}', 'n/a' if pv is None else 'alert' if bad else 'ok',
                         f"{len(g)} photos, {len(g)/max(hours, 1e-9):.3g} an hour, {(g.label == positive).mean():.0%} {positive.lower()}; {drift}",

@@ -39,7 +39,7 @@ class Registry:
         self.name = name or s.registry
         self.dir = (proj_path(path) if path else site_path(s.registry_dir))/self.name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.state_path, self.audit_path = self.dir/'registry.json', self.dir/'audit.jsonl'
+        self.state_path, self.audit_path, self.head_path = self.dir/'registry.json', self.dir/'audit.jsonl', self.dir/'audit.head.json'
 
     def state(self)->dict:
         "Versions, stage histories and approvals, as last written"
@@ -61,12 +61,12 @@ class Registry:
         with open(self.dir/'.audit.lock', 'w') as lk:
             fcntl.flock(lk, fcntl.LOCK_EX)
             try:
-                head = audit_head(self.audit_path, self.dir/'audit.head.json')
+                head = audit_head(self.audit_path, self.head_path)
                 rec.update(seq=head['n'] + 1, prev=head['hash'])
                 if key := os.environ.get('PETPARK_AUDIT_KEY'): rec['sig'] = audit_sig(rec, key)
                 line = json.dumps(rec)
                 with open(self.audit_path, 'a') as f: f.write(line + '\n'); f.flush(); os.fsync(f.fileno())
-                _write_json(self.dir/'audit.head.json', dict(n=head['n'] + 1, hash=_h(line), size=self.audit_path.stat().st_size))
+                _write_json(self.head_path, dict(n=head['n'] + 1, hash=_h(line), size=self.audit_path.stat().st_size))
             finally: fcntl.flock(lk, fcntl.LOCK_UN)
         return rec
 
@@ -75,7 +75,7 @@ class Registry:
 
     def audit_problem(self, key:str=None)->str|None:
         "`audit_problem` of this registry's log (with `key`, default `PETPARK_AUDIT_KEY`: its signatures too)"
-        return audit_problem(self.audit_path, self.dir/'audit.head.json', key or os.environ.get('PETPARK_AUDIT_KEY'))
+        return audit_problem(self.audit_path, self.head_path, key or os.environ.get('PETPARK_AUDIT_KEY'))
 
 # %% ../nbs/80_registry.ipynb #9c2178c3
 GENESIS = '0'*64  # the `prev` of the first chained record
@@ -101,9 +101,10 @@ def audit_head(log:Path, head:Path)->dict:
 
 def audit_problem(log:Path, head:Path, key:str=None)->str|None:
     "None if the audit chain in `log` is whole (and, with `key`, every chained record signed with it); else the first edited, removed or reordered record, in words"
-    lines = log.read_text().splitlines() if log.exists() else []
-    try: recs = [json.loads(l) for l in lines]
-    except json.JSONDecodeError: return f"line {next(i for i, l in enumerate(lines, 1) if not _is_json(l))} of {log.name} is not a record: edited"
+    lines, recs = log.read_text().splitlines() if log.exists() else [], []
+    for n, l in enumerate(lines, 1):
+        try: recs.append(json.loads(l))
+        except json.JSONDecodeError: return f'line {n} of {log.name} is not a record: edited'
     seqs, start = [r.get('seq') for r in recs], next((i for i, r in enumerate(recs) if 'seq' in r), len(recs))
     for i in range(start, len(recs)):
         r, want = recs[i], i + 1
@@ -121,10 +122,6 @@ def audit_problem(log:Path, head:Path, key:str=None)->str|None:
         if h['n'] > len(recs): return f"records {len(recs) + 1} to {h['n']} are missing (the head counts {h['n']}): removed"
         if _h(lines[h['n'] - 1]) != h['hash']: return f"record {h['n']} was edited (the head holds another hash for it)"
     return None
-
-def _is_json(l:str)->bool:
-    try: json.loads(l); return True
-    except json.JSONDecodeError: return False
 
 # %% ../nbs/80_registry.ipynb #0028a417
 def _clear_unregistered(d:Path, ver:str):
